@@ -1,0 +1,122 @@
+"""Λ attention over a paged cache of raw keys: the torch path (CPU, and any device).
+
+For each sequence, queries are processed in tiles. A tile reads only
+  - the local span [local_start(first query), last query], rotated at positions
+    relative to the span start (angles stay below n_local + tile, whatever the
+    absolute position), and
+  - the global tokens [0, global_end(last query)), unrotated, against queries
+    rotated by `distance_limit`,
+and merges both in one softmax. Blocks between the two spans are never touched, so
+their block-table entries may be stale (freed blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pattern import LambdaPattern
+from .rope import RopeStyle, cos_sin, rotate
+
+DEFAULT_QUERY_TILE = 256
+
+
+def gather_span(kv_cache: torch.Tensor, block_row: torch.Tensor, lo: int, hi: int):
+    """Tokens [lo, hi) of one sequence as head-major K and V: [Hkv, hi-lo, D] each.
+
+    Reads exactly the blocks that hold those tokens.
+    """
+    bs = kv_cache.shape[2]
+    b0, b1 = lo // bs, (hi - 1) // bs + 1
+    blocks = kv_cache[block_row[b0:b1]]  # [nb, Hkv, B, 2D]
+    hkv = kv_cache.shape[1]
+    span = blocks.transpose(0, 1).reshape(hkv, (b1 - b0) * bs, -1)[:, lo - b0 * bs : hi - b0 * bs]
+    d = span.shape[-1] // 2
+    return span[..., :d], span[..., d:]
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q: [Hkv, G*T, D], k: [Hkv, N, D] -> [Hkv, G*T, N]."""
+    return torch.bmm(q, k.transpose(1, 2))
+
+
+def lambda_paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    *,
+    pattern: LambdaPattern,
+    style: RopeStyle,
+    inv_freq: torch.Tensor,
+    scale: float,
+    query_scale: list[float] | None = None,
+    out: torch.Tensor | None = None,
+    query_tile: int = DEFAULT_QUERY_TILE,
+) -> torch.Tensor:
+    """Λ attention for a batch of sequences (prefill chunks and decodes mixed).
+
+    query: [T, Hq, D] raw queries, sequence i owning rows
+    query_start_loc[i]:query_start_loc[i+1], its queries being the last tokens of
+    its seq_lens[i] tokens. kv_cache: [num_blocks, Hkv, B, 2*D], raw K then V on the
+    last dim, already holding this step's keys. block_table: [num_seqs, max_blocks].
+    inv_freq: [R/2] shared, or [num_seqs, R/2] per sequence (CLEX). query_scale:
+    per-sequence query multiplier (CLEX log scale). Computes in float32.
+    """
+    num_tokens, hq, dh = query.shape
+    hkv = kv_cache.shape[1]
+    group = hq // hkv
+    if out is None:
+        out = torch.empty_like(query)
+    inv_freq = inv_freq.to(torch.float32)
+    for i, seq_len in enumerate(seq_lens):
+        a, b = query_start_loc[i], query_start_loc[i + 1]
+        if b <= a:
+            continue
+        freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
+        row = block_table[i]
+        first_pos = seq_len - (b - a)
+        qmul = 1.0 if query_scale is None else query_scale[i]
+        # Global branch: queries all rotated by the same distance.
+        gcos, gsin = cos_sin(torch.tensor(pattern.distance_limit), freq)
+        for t0 in range(a, b, query_tile):
+            t1 = min(b, t0 + query_tile)
+            pa, pb = first_pos + (t0 - a), first_pos + (t1 - a) - 1
+            tq = t1 - t0
+            q = query[t0:t1].to(torch.float32)
+            if qmul != 1.0:
+                q = q * qmul
+            # [T, Hq, D] -> [Hkv, G*T, D] with row index g*T + t
+            q_heads = q.view(tq, hkv, group, dh).permute(1, 2, 0, 3)
+
+            lo = pattern.local_start(pa)
+            k_loc, v_loc = gather_span(kv_cache, row, lo, pb + 1)
+            rel_q = torch.arange(pa - lo, pb - lo + 1)
+            rel_k = torch.arange(0, pb + 1 - lo)
+            qc, qs = cos_sin(rel_q, freq)
+            kc, ks = cos_sin(rel_k, freq)
+            q_loc = rotate(q_heads, qc, qs, style).reshape(hkv, group * tq, dh)
+            k_rot = rotate(k_loc, kc, ks, style)
+            scores = _scores(q_loc, k_rot).view(hkv, group, tq, -1)
+            # local mask: key kk (relative) visible to query qq iff qq - W < kk <= qq
+            kk = rel_k[None, :]
+            qq = rel_q[:, None]
+            scores.masked_fill_(~((kk <= qq) & (kk > qq - pattern.n_local)), float("-inf"))
+            values = v_loc
+
+            g_hi = pattern.global_end(pb)
+            if g_hi > 0:
+                k_g, v_g = gather_span(kv_cache, row, 0, g_hi)
+                q_g = rotate(q_heads, gcos, gsin, style).reshape(hkv, group * tq, dh)
+                g_scores = _scores(q_g, k_g.to(torch.float32)).view(hkv, group, tq, g_hi)
+                # key j is global for query p iff j <= p - W
+                pos = torch.arange(pa, pb + 1)[:, None]
+                jj = torch.arange(g_hi)[None, :]
+                g_scores.masked_fill_(~(jj <= pos - pattern.n_local), float("-inf"))
+                scores = torch.cat((scores, g_scores), dim=-1)
+                values = torch.cat((v_loc, v_g), dim=1)
+
+            probs = torch.softmax(scores.mul_(scale), dim=-1).view(hkv, group * tq, -1)
+            res = torch.bmm(probs, values.to(torch.float32))  # [Hkv, G*T, D]
+            out[t0:t1] = res.view(hkv, group, tq, -1).permute(2, 0, 1, 3).reshape(tq, hq, -1)
+    return out

@@ -1,0 +1,104 @@
+"""Plain reference for Λ-shaped (LM-Infinite) attention: dense, one sequence at a time.
+
+Written for clarity, not speed: every (query, key) pair gets its own rotation by the
+distance the Λ pattern assigns it. The fast paths (`lambda_attention.py`, the Triton
+kernels) are tested against this; this is tested against the formula itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pattern import LambdaPattern
+from .rope import RopeStyle, cos_sin, rotate
+
+
+def pair_distances(q_pos: torch.Tensor, num_keys: int, pattern: LambdaPattern) -> torch.Tensor:
+    """Rotary distance per (query, key) pair, or -1 where the key is not attended.
+
+    Local keys `p - W < j <= p` are seen at `p - j`; global keys `j < G`, `j <= p - W`
+    at `distance_limit`.
+    """
+    p = q_pos.long()[:, None]
+    j = torch.arange(num_keys)[None, :]
+    local = (j <= p) & (j > p - pattern.n_local)
+    glob = (j < pattern.n_global) & (j <= p - pattern.n_local)
+    dist = torch.full((p.shape[0], num_keys), -1, dtype=torch.long)
+    dist = torch.where(local, p - j, dist)
+    return torch.where(glob, torch.full_like(dist, pattern.distance_limit), dist)
+
+
+def lambda_attention_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    pattern: LambdaPattern,
+    style: RopeStyle,
+    inv_freq: torch.Tensor,
+    scale: float,
+    query_scale: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Λ attention of raw queries over raw keys/values of one sequence.
+
+    q: [Tq, Hq, D] (before rotation), k/v: [S, Hkv, D] for key positions 0..S-1,
+    q_pos: [Tq] query positions (< S). Returns [Tq, Hq, Dv] in `dtype`.
+    """
+    tq, hq, _ = q.shape
+    s, hkv, _ = k.shape
+    group = hq // hkv
+    dist = pair_distances(q_pos, s, pattern)  # [Tq, S]
+    c, sn = cos_sin(dist.clamp(min=0), inv_freq.to(dtype))  # [Tq, S, R/2]
+    q = q.to(dtype) * query_scale
+    # rotate each query once per key: [Tq, S, Hq, D]
+    q_rot = rotate(q[:, None].expand(tq, s, hq, q.shape[-1]), c[:, :, None], sn[:, :, None], style)
+    k_rep = k.to(dtype).repeat_interleave(group, dim=1)  # [S, Hq, D]
+    logits = torch.einsum("tshd,shd->hts", q_rot, k_rep) * scale
+    logits = logits.masked_fill((dist < 0)[None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    probs = torch.nan_to_num(probs)  # a query with no key (cannot happen for p >= 0) stays 0
+    v_rep = v.to(dtype).repeat_interleave(group, dim=1)
+    return torch.einsum("hts,shd->thd", probs, v_rep)
+
+
+def gather_paged(kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int, head_size: int):
+    """Keys and values of tokens 0..num_tokens-1 from a paged cache
+    [num_blocks, Hkv, B, 2*D] (K in [..., :D], V in [..., D:])."""
+    bs = kv_cache.shape[2]
+    nb = -(-num_tokens // bs)
+    blocks = kv_cache[block_row[:nb].long()]  # [nb, H, B, 2D]
+    flat = blocks.permute(0, 2, 1, 3).reshape(nb * bs, kv_cache.shape[1], -1)[:num_tokens]
+    return flat[..., :head_size], flat[..., head_size:]
+
+
+def lambda_paged_attention_naive(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    *,
+    pattern: LambdaPattern,
+    style: RopeStyle,
+    inv_freq: torch.Tensor,
+    scale: float,
+    query_scale: list[float] | None = None,
+) -> torch.Tensor:
+    """Reference for the paged entry point: gathers every token of each sequence
+    (the fast paths must not) and runs the dense reference. Returns float64."""
+    head_size = query.shape[-1]
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    for i, s in enumerate(seq_lens):
+        a, b = query_start_loc[i], query_start_loc[i + 1]
+        if b == a:
+            continue
+        k, v = gather_paged(kv_cache, block_table[i], s, head_size)
+        q_pos = torch.arange(s - (b - a), s)
+        freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
+        out[a:b] = lambda_attention_dense(
+            query[a:b], k, v, q_pos, pattern=pattern, style=style, inv_freq=freq, scale=scale,
+            query_scale=1.0 if query_scale is None else query_scale[i],
+        )
+    return out

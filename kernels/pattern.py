@@ -1,0 +1,44 @@
+"""The Λ pattern: which keys a query sees and at what rotary distance.
+
+Query at position p sees
+  - local keys   p - n_local < j <= p    at distance p - j,
+  - global keys  j < n_global, j <= p - n_local   at distance `distance_limit`.
+With n_local >= the sequence length this is ordinary causal attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# "No window": a local span longer than any sequence. Kept well inside int32/int64 range.
+UNBOUNDED = 1 << 62
+
+
+@dataclass(frozen=True)
+class LambdaPattern:
+    n_global: int
+    n_local: int
+    distance_limit: int
+
+    def __post_init__(self) -> None:
+        for name, lo in (("n_global", 0), ("n_local", 1), ("distance_limit", 1)):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+
+    @classmethod
+    def causal(cls) -> "LambdaPattern":
+        """Plain causal attention (every earlier key at its true distance)."""
+        return cls(n_global=0, n_local=UNBOUNDED, distance_limit=1)
+
+    def local_start(self, p: int) -> int:
+        """First key of the local window of query position p."""
+        return max(0, p - self.n_local + 1)
+
+    def global_end(self, p: int) -> int:
+        """Keys [0, global_end(p)) are seen through the global branch by query p."""
+        return max(0, min(self.n_global, p - self.n_local + 1))
+
+    def first_needed_token(self, p: int) -> int:
+        """No query at position >= p reads a key in [global tokens, this) again."""
+        return self.local_start(p)

@@ -1,0 +1,56 @@
+"""Rotary position embedding on raw (unrotated) vectors, at arbitrary per-row distances.
+
+The plugin stores keys before rotation, so every rotation happens here, at small
+relative positions (bounded by the local window plus the query tile, or by the
+distance limit), never at the absolute position of a token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RopeStyle:
+    """How a model rotates: the first `rotary_dim` channels of each head, in
+    neox (two halves) or GPT-J (interleaved pairs) layout."""
+
+    rotary_dim: int
+    neox: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rotary_dim <= 0 or self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be a positive even integer, got {self.rotary_dim}")
+
+
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of `positions[..., None] * inv_freq` in the dtype of `inv_freq`.
+
+    `positions`: any integer or float tensor; `inv_freq`: [R/2], or broadcastable
+    against `positions[..., None]` (per-sequence frequency tables).
+    """
+    angles = positions.to(inv_freq.dtype).unsqueeze(-1) * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: RopeStyle) -> torch.Tensor:
+    """Rotate the first `style.rotary_dim` channels of `x` ([..., D]).
+
+    `cos`/`sin` are [..., R/2] and broadcast against x's leading dims (insert the
+    head axis yourself). Channels past `rotary_dim` pass through (partial rotary).
+    Returns a new tensor in the dtype of `cos`.
+    """
+    r = style.rotary_dim
+    x = x.to(cos.dtype)
+    rot, rest = x[..., :r], x[..., r:]
+    if style.neox:
+        x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    if rest.shape[-1] == 0:
+        return out
+    return torch.cat((out, rest), dim=-1)

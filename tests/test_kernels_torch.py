@@ -1,0 +1,249 @@
+"""Λ attention math: the naive reference against the formula, the torch paged path
+against the naive reference. No vLLM needed."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from lminf_kernels.lambda_attention import lambda_paged_attention
+from lminf_kernels.naive import lambda_attention_dense, lambda_paged_attention_naive
+from lminf_kernels.pattern import LambdaPattern
+from lminf_kernels.rope import RopeStyle
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def rotation_matrix(delta: int, inv_freq: torch.Tensor, head: int, style: RopeStyle) -> torch.Tensor:
+    """Explicit D x D rotation by `delta` (identity on channels past rotary_dim)."""
+    r = style.rotary_dim
+    m = torch.eye(head, dtype=torch.float64)
+    for i in range(r // 2):
+        ang = delta * inv_freq[i].item()
+        a, b = (i, i + r // 2) if style.neox else (2 * i, 2 * i + 1)
+        m[a, a], m[a, b] = math.cos(ang), -math.sin(ang)
+        m[b, a], m[b, b] = math.sin(ang), math.cos(ang)
+    return m
+
+
+def formula_attention(q, k, v, q_pos, pattern, style, inv_freq, scale):
+    """LM-Infinite written out pair by pair with explicit rotation matrices."""
+    tq, hq, dh = q.shape
+    group = hq // k.shape[1]
+    out = torch.zeros(tq, hq, v.shape[-1], dtype=torch.float64)
+    for t in range(tq):
+        p = int(q_pos[t])
+        for h in range(hq):
+            logits, vals = [], []
+            for j in range(p + 1):
+                if p - pattern.n_local < j:
+                    delta = p - j
+                elif j < pattern.n_global:
+                    delta = pattern.distance_limit
+                else:
+                    continue
+                rq = rotation_matrix(delta, inv_freq, dh, style) @ q[t, h].double()
+                logits.append(scale * torch.dot(rq, k[j, h // group].double()))
+                vals.append(v[j, h // group].double())
+            w = torch.softmax(torch.stack(logits), 0)
+            out[t, h] = (w[:, None] * torch.stack(vals)).sum(0)
+    return out
+
+
+def make_inv_freq(rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
+    return 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+
+
+@pytest.mark.parametrize(
+    "neox,rotary_dim,hq,hkv,pattern",
+    [
+        (True, 8, 4, 2, LambdaPattern(2, 4, 4)),
+        (False, 8, 2, 2, LambdaPattern(3, 5, 7)),
+        (True, 4, 3, 1, LambdaPattern(0, 3, 3)),  # partial rotary, MQA, no global
+        (False, 6, 4, 4, LambdaPattern(20, 4, 2)),  # G larger than the sequence
+    ],
+)
+def test_naive_matches_formula(neox, rotary_dim, hq, hkv, pattern):
+    torch.manual_seed(random.randrange(1 << 30))
+    s, dh = 13, 8
+    style = RopeStyle(rotary_dim, neox)
+    q = torch.randn(s, hq, dh)
+    k, v = torch.randn(s, hkv, dh), torch.randn(s, hkv, dh)
+    q_pos = torch.arange(s)
+    inv = make_inv_freq(rotary_dim)
+    got = lambda_attention_dense(q, k, v, q_pos, pattern=pattern, style=style, inv_freq=inv, scale=0.4)
+    want = formula_attention(q, k, v, q_pos, pattern, style, inv, 0.4)
+    assert rel_err(got, want) < 1e-12
+
+
+def test_naive_full_window_is_causal_rope():
+    """With n_local >= length, Λ attention is ordinary causal attention with RoPE
+    applied at absolute positions (the stock formulation)."""
+    torch.manual_seed(random.randrange(1 << 30))
+    s, h, dh = 20, 2, 16
+    style = RopeStyle(dh, True)
+    inv = make_inv_freq(dh).double()
+    q, k, v = (torch.randn(s, h, dh, dtype=torch.float64) for _ in range(3))
+    got = lambda_attention_dense(q, k, v, torch.arange(s), pattern=LambdaPattern(4, s, 3), style=style,
+                                 inv_freq=inv, scale=0.25)
+    ang = torch.arange(s, dtype=torch.float64)[:, None] * inv
+    c, sn = ang.cos()[:, None], ang.sin()[:, None]
+
+    def rot(x):
+        x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
+        return torch.cat((x1 * c - x2 * sn, x2 * c + x1 * sn), -1)
+
+    logits = torch.einsum("thd,shd->hts", rot(q), rot(k)) * 0.25
+    logits = logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.einsum("hts,shd->thd", logits.softmax(-1), v)
+    assert rel_err(got, want) < 1e-12
+
+
+def build_paged(seq_lens, hkv, dh, block_size, dtype=torch.float32, poison_gap: LambdaPattern | None = None):
+    """Random paged cache with a shuffled block table. With `poison_gap`, every block
+    that holds only tokens no query of the last step can read is filled with NaN."""
+    nblocks = [-(-s // block_size) for s in seq_lens]
+    total = sum(nblocks) + 1
+    cache = torch.randn(total, hkv, block_size, 2 * dh, dtype=dtype)
+    ids = list(range(1, total))
+    random.shuffle(ids)
+    table = torch.zeros(len(seq_lens), max(nblocks), dtype=torch.int32)
+    pos = 0
+    for i, nb in enumerate(nblocks):
+        table[i, :nb] = torch.tensor(ids[pos : pos + nb], dtype=torch.int32)
+        pos += nb
+    return cache, table
+
+
+def poison_unread_blocks(cache, table, seq_lens, q_lens, pattern):
+    """NaN-fill blocks outside every query's global and local spans; return a copy."""
+    cache = cache.clone()
+    bs = cache.shape[2]
+    for i, (s, n) in enumerate(zip(seq_lens, q_lens)):
+        if n == 0:
+            continue
+        needed_lo = pattern.local_start(s - n)
+        g_hi = min(pattern.n_global, s)
+        for blk in range(-(-s // bs)):
+            first, last = blk * bs, min(s, (blk + 1) * bs) - 1
+            if last < needed_lo and first >= g_hi:
+                cache[table[i, blk]] = float("nan")
+    return cache
+
+
+CASES = [
+    # (seq_lens, q_lens, pattern, block_size, query_tile)
+    ([37], [37], LambdaPattern(4, 8, 8), 16, 256),  # prefill far past the window
+    ([37], [37], LambdaPattern(4, 8, 8), 16, 5),  # same, many query tiles
+    ([64], [64], LambdaPattern(4, 64, 64), 32, 7),  # exactly the window
+    ([65], [1], LambdaPattern(4, 64, 64), 32, 256),  # decode one past the window
+    ([200], [1], LambdaPattern(10, 32, 32), 32, 256),  # decode far past
+    ([1], [1], LambdaPattern(4, 8, 8), 32, 256),  # length 1
+    ([96, 5, 130, 33], [20, 5, 1, 1], LambdaPattern(3, 16, 20), 32, 8),  # mixed chunk/prefill/decodes
+    ([96, 7, 300], [0, 7, 64], LambdaPattern(0, 24, 24), 32, 16),  # empty query row, G=0
+    ([128, 129], [128, 1], LambdaPattern(17, 40, 33), 128, 64),  # G not a block multiple, B=128
+    ([50], [50], LambdaPattern(100, 10, 10), 16, 16),  # G beyond the sequence
+]
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_fast_matches_naive(case, neox):
+    torch.manual_seed(random.randrange(1 << 30))
+    seq_lens, q_lens, pattern, bs, tile = case
+    hq, hkv, dh = 6, 2, 16
+    style = RopeStyle(12 if not neox else 16, neox)
+    cache, table = build_paged(seq_lens, hkv, dh, bs)
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    query = torch.randn(qsl[-1], hq, dh)
+    inv = make_inv_freq(style.rotary_dim)
+    kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=dh**-0.5)
+    want = lambda_paged_attention_naive(query, cache, table, qsl, seq_lens, **kw)
+    poisoned = poison_unread_blocks(cache, table, seq_lens, q_lens, pattern)
+    got = lambda_paged_attention(query, poisoned, table, qsl, seq_lens, query_tile=tile, **kw)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < 1e-5
+
+
+def test_per_sequence_frequencies_and_query_scale():
+    """CLEX hook: each sequence its own frequency table and query multiplier."""
+    torch.manual_seed(random.randrange(1 << 30))
+    seq_lens, q_lens = [40, 70, 9], [40, 1, 3]
+    hq, hkv, dh = 4, 2, 16
+    style = RopeStyle(dh, True)
+    pattern = LambdaPattern(2, 16, 16)
+    cache, table = build_paged(seq_lens, hkv, dh, 32)
+    qsl = [0, 40, 41, 44]
+    query = torch.randn(44, hq, dh)
+    inv = torch.stack([make_inv_freq(dh, base) for base in (1e4, 3e4, 5e5)])
+    scales = [1.0, 1.3, 0.9]
+    kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=0.3, query_scale=scales)
+    want = lambda_paged_attention_naive(query, cache, table, qsl, seq_lens, **kw)
+    got = lambda_paged_attention(query, cache, table, qsl, seq_lens, **kw)
+    assert rel_err(got, want) < 1e-5
+    # and each sequence alone gives the same rows
+    for i in range(3):
+        alone = lambda_paged_attention(
+            query[qsl[i] : qsl[i + 1]], cache, table[i : i + 1], [0, q_lens[i]], [seq_lens[i]],
+            pattern=pattern, style=style, inv_freq=inv[i], scale=0.3, query_scale=[scales[i]],
+        )
+        assert torch.equal(alone, got[qsl[i] : qsl[i + 1]])
+
+
+def test_bfloat16_inputs():
+    torch.manual_seed(random.randrange(1 << 30))
+    seq_lens, q_lens = [90, 33], [30, 1]
+    cache, table = build_paged(seq_lens, 2, 32, 32, dtype=torch.bfloat16)
+    query = torch.randn(31, 4, 32).to(torch.bfloat16)
+    kw = dict(pattern=LambdaPattern(4, 24, 24), style=RopeStyle(32, True), inv_freq=make_inv_freq(32), scale=32**-0.5)
+    want = lambda_paged_attention_naive(query, cache, table, [0, 30, 31], seq_lens, **kw)
+    got = lambda_paged_attention(query, cache, table, [0, 30, 31], seq_lens, **kw)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, want) < 1e-2
+
+
+def test_positions_past_one_million_keep_precision():
+    """A decode/chunk at position ~1.2M reads only the global and window blocks and
+    gives the same result as a short sequence with the same global and window
+    tokens: rotation angles never depend on the absolute position."""
+    torch.manual_seed(random.randrange(1 << 30))
+    bs, hkv, hq, dh = 32, 2, 4, 16
+    pattern = LambdaPattern(10, 64, 64)
+    style = RopeStyle(dh, True)
+    long_len, q_len = 1_200_007, 5
+    short_len = 3 * bs + 64 + q_len  # globals in block 0, a gap, then the window
+    # long sequence: block table mostly pointing at a NaN block (freed, stale ids)
+    nb_long = -(-long_len // bs)
+    cache = torch.randn(64, hkv, bs, 2 * dh)
+    cache[1] = float("nan")
+    table_long = torch.ones(1, nb_long, dtype=torch.int32)
+    table_long[0, 0] = 2  # global block
+    lo = pattern.local_start(long_len - q_len)
+    first_w, last_w = lo // bs, (long_len - 1) // bs
+    win_ids = list(range(3, 3 + last_w - first_w + 1))
+    table_long[0, first_w : last_w + 1] = torch.tensor(win_ids, dtype=torch.int32)
+    # short sequence with the same global block and the same window tokens
+    lo_s = pattern.local_start(short_len - q_len)
+    # build the short cache token by token from the long one
+    short = torch.zeros(8, hkv, bs, 2 * dh)
+    table_short = torch.arange(8, dtype=torch.int32)[None] + 0
+    short[0] = cache[2]
+    for t in range(lo_s, short_len):
+        src = lo + (t - lo_s)
+        short[t // bs, :, t % bs] = cache[table_long[0, src // bs], :, src % bs]
+    query = torch.randn(q_len, hq, dh)
+    kw = dict(pattern=pattern, style=style, inv_freq=make_inv_freq(dh), scale=0.25)
+    got_long = lambda_paged_attention(query, cache, table_long, [0, q_len], [long_len], **kw)
+    got_short = lambda_paged_attention(query, short, table_short, [0, q_len], [short_len], **kw)
+    want = lambda_paged_attention_naive(query, short, table_short, [0, q_len], [short_len], **kw)
+    assert torch.isfinite(got_long).all()
+    assert rel_err(got_long, want) < 1e-5
+    assert rel_err(got_long, got_short) < 1e-6
