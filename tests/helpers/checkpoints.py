@@ -124,12 +124,12 @@ def make_tiny_llama(
     dir: str | Path,
     *,
     vocab_size: int | None = None,
-    hidden_size: int = 64,
+    hidden_size: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int = 2,
-    head_dim: int = 16,
-    intermediate_size: int = 128,
+    head_dim: int = 32,
+    intermediate_size: int = 256,
     max_position_embeddings: int = 128,
     rope_theta: float = 10000.0,
     tie_word_embeddings: bool = False,
@@ -144,6 +144,9 @@ def make_tiny_llama(
 
     ``model_type`` follows ``architecture`` when left at "llama" (or None) for
     a non-Llama architecture. ``extra_config`` is merged into config.json last.
+    Default head_dim is 32 because vLLM's CPU attention backend only supports
+    head sizes 32, 64, 80, ... (16 fails at runtime); hidden_size defaults to
+    num_heads * head_dim = 128 so Qwen2 (which derives head_dim) also works.
     Q/K/V biases are written when the final config has ``attention_bias`` true
     or the model type is qwen2 (vLLM's Qwen2 always expects them).
     """

@@ -1,0 +1,448 @@
+"""Λ attention over a paged cache of raw keys: the Triton path (CUDA, or the Triton
+interpreter on CPU).
+
+Same semantics and entry-point signature as `lambda_attention.lambda_paged_attention`.
+
+Design
+------
+One program per (query tile, KV head, KV split). A query tile is up to BLOCK_M
+consecutive query tokens of ONE sequence; the program handles all GROUP query heads
+of its KV head, so its score rows are (token, head) pairs, ROWS = max(16,
+BLOCK_M * next_pow2(GROUP)) of them. Each K/V token is therefore loaded once per KV
+group (GQA/MQA friendly) and fed to tensor-core dots.
+
+The grid's first axis needs no host-side knowledge of the query lengths: sequence s
+owns tile slots [qsl[s] // BLOCK_M + s, qsl[s+1] // BLOCK_M + s + 1), an upper
+bound on its ceil(q_len / BLOCK_M) tiles, so T // BLOCK_M + num_seqs slots cover any
+batch. A program finds its sequence by binary search over that (strictly
+increasing) start sequence; surplus slots do no work.
+
+Each program streams two key sets through one online softmax (log2 domain):
+  1. global keys [0, global_end(last query of tile)), unrotated, against the query
+     rotated by `distance_limit` (all global pairs sit at that one distance);
+  2. the local span [local_start(first query), last query], with queries and keys
+     rotated in-kernel at positions relative to the span start `lo` — angles stay
+     below n_local + BLOCK_M whatever the absolute position.
+Per-row masks make the two sets disjoint for every query row (global: j <= p - W,
+local: j > p - W), so the tile-level spans may overlap without double counting.
+Key rotation: cos/sin of (tile offset + n) * f are formed from cos/sin of the tile
+offset angle (one [R/2] vector per tile) and a [BLOCK_N, R/2] table of the in-tile
+offset angles computed once per program (angle addition in fp32), so the inner loop
+has no per-element transcendental.
+
+Rotary channels are split into the two halves of each rotation pair (neox: i and
+i + R/2; GPT-J: 2i and 2i+1, de-interleaved by address arithmetic on the loads), plus
+the pass-through channels past rotary_dim (partial rotary). Scores are the sum of up
+to three dots over those channel groups.
+
+Only blocks holding tokens in the two spans are addressed: block-table entries are
+loaded with the token mask, so entries of the gap between them (stale or freed block
+ids, possibly pointing at garbage) are never read, nor are their blocks.
+
+Decode with few (sequence, KV head) programs splits the key tiles of each program
+across NUM_SPLITS programs (flash-decoding); a small kernel merges the partial
+(max, sum, accumulator) triples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .pattern import LambdaPattern
+from .rope import RopeStyle
+
+# Positions are int32 in the kernel; "unbounded" pattern fields are clamped to this.
+_INT_CLAMP = 1 << 30
+_LOG2E = 1.4426950408889634
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+@triton.jit
+def _sincos(x):
+    """(sin x, cos x) in fp32 from FMAs only: Cody-Waite reduction by pi/2 (two-part
+    constant) and Taylor polynomials on [-pi/4, pi/4] (truncation error < 2e-9). Avoids
+    libdevice's slow path, which spills to local memory."""
+    k = tl.floor(x * 0.6366197723675814 + 0.5)
+    r = tl.fma(k, -1.5707963705062866, x)
+    r = tl.fma(k, 4.371139000186241e-08, r)
+    r2 = r * r
+    sr = r + r * r2 * (-0.16666666666666666 + r2 * (0.008333333333333333 + r2 * (-1.984126984126984e-04
+                                                                                + r2 * 2.755731922398589e-06)))
+    cr = 1.0 + r2 * (-0.5 + r2 * (0.041666666666666664 + r2 * (-1.388888888888889e-03 + r2 * (
+        2.48015873015873e-05 + r2 * -2.755731922398589e-07))))
+    quad = k.to(tl.int32) & 3
+    sin = tl.where(quad == 0, sr, tl.where(quad == 1, cr, tl.where(quad == 2, -sr, -cr)))
+    cos = tl.where(quad == 0, cr, tl.where(quad == 1, -sr, tl.where(quad == 2, -cr, sr)))
+    return sin, cos
+
+
+@triton.jit
+def _online_step(s, mask, v, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
+    """One online-softmax update with raw scores `s` [ROWS, N] and values v [N, DV]."""
+    s = tl.where(mask, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _token_base(cache_ptr, bt_row_ptr, bt_s1, j, jm, kv_off, c_s0, c_s2, BLOCK_SIZE: tl.constexpr):
+    """Address of token j's row for this KV head (only blocks of unmasked tokens)."""
+    blk = tl.load(bt_row_ptr + (j // BLOCK_SIZE).to(tl.int64) * bt_s1, mask=jm, other=0).to(tl.int64)
+    return cache_ptr + blk * c_s0 + kv_off + (j % BLOCK_SIZE).to(tl.int64) * c_s2
+
+
+@triton.jit
+def _lambda_attn_fwd(
+    q_ptr, cache_ptr, bt_ptr, qsl_ptr, seqlen_ptr, freq_ptr, qscale_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr,
+    num_seqs,
+    q_s0, q_s1, q_s2,
+    c_s0, c_s1, c_s2, c_s3,
+    bt_s0, bt_s1,
+    freq_s0,
+    o_s0, o_s1, o_s2,
+    n_global, n_local, distance_limit,
+    qk_scale,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr, HALF_P2: tl.constexpr,
+    PASS_DIM: tl.constexpr, PASS_P2: tl.constexpr, DV_P2: tl.constexpr,
+    NEOX: tl.constexpr, HAS_QSCALE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # ---- which sequence / query tile this slot belongs to -----------------------
+    lo_s = pid * 0  # a tensor, not a constant, in both compiled and interpreted runs
+    hi_s = lo_s + num_seqs - 1
+    while lo_s < hi_s:
+        mid = (lo_s + hi_s + 1) // 2
+        start_mid = tl.load(qsl_ptr + mid) // BLOCK_M + mid
+        go_up = start_mid <= pid
+        lo_s = tl.where(go_up, mid, lo_s)
+        hi_s = tl.where(go_up, hi_s, mid - 1)
+    seq = lo_s
+    q_seq0 = tl.load(qsl_ptr + seq)
+    q_seq1 = tl.load(qsl_ptr + seq + 1)
+    seq_len = tl.load(seqlen_ptr + seq)
+    tile = pid - (q_seq0 // BLOCK_M + seq)
+    q_start = q_seq0 + tile * BLOCK_M
+    tile_len = tl.minimum(q_seq1 - q_start, BLOCK_M)  # <= 0 for surplus slots
+    has_work = tile_len > 0
+    p_first = seq_len - (q_seq1 - q_seq0) + (q_start - q_seq0)
+    p_last = p_first + tile_len - 1
+
+    # key spans of the tile
+    lo = tl.maximum(p_first - n_local + 1, 0)
+    hi = p_last + 1
+    g_hi = tl.maximum(tl.minimum(n_global, p_last - n_local + 1), 0)
+    n_gt = tl.where(has_work, (g_hi + BLOCK_N - 1) // BLOCK_N, 0)
+    n_lt = tl.where(has_work, (hi - lo + BLOCK_N - 1) // BLOCK_N, 0)
+    n_tot = n_gt + n_lt
+    per_split = (n_tot + NUM_SPLITS - 1) // NUM_SPLITS
+    v0 = split * per_split
+    v1 = tl.minimum(v0 + per_split, n_tot)
+
+    # ---- query rows: (token t, head g) ----------------------------------------
+    r = tl.arange(0, ROWS)
+    t = r // GROUP_P2
+    g = r % GROUP_P2
+    row_ok = (t < tile_len) & (g < GROUP)
+    tok = (q_start + t).to(tl.int64)
+    head = kvh * GROUP + g
+    p = p_first + t  # query positions
+
+    offs_h = tl.arange(0, HALF_P2)
+    h_ok = offs_h < ROT_HALF
+    if NEOX:
+        col_a = offs_h
+        col_b = offs_h + ROT_HALF
+    else:
+        col_a = 2 * offs_h
+        col_b = 2 * offs_h + 1
+    freq = tl.load(freq_ptr + seq.to(tl.int64) * freq_s0 + offs_h, mask=h_ok, other=0.0)
+
+    q_row = q_ptr + tok * q_s0 + head.to(tl.int64) * q_s1
+    qmask_h = row_ok[:, None] & h_ok[None, :]
+    # raw queries stay in the input dtype; each key set rotates its own copy in fp32
+    qa = tl.load(q_row[:, None] + col_a[None, :] * q_s2, mask=qmask_h, other=0.0)
+    qb = tl.load(q_row[:, None] + col_b[None, :] * q_s2, mask=qmask_h, other=0.0)
+    if HAS_QSCALE:
+        qk_scale = qk_scale * tl.load(qscale_ptr + seq)  # q * c rotates to c * rot(q)
+    if PASS_P2 > 0:
+        offs_p = tl.arange(0, PASS_P2)
+        p_ok = offs_p < PASS_DIM
+        col_p = 2 * ROT_HALF + offs_p
+        qp = tl.load(q_row[:, None] + col_p[None, :] * q_s2, mask=row_ok[:, None] & p_ok[None, :], other=0.0)
+
+    offs_v = tl.arange(0, DV_P2)
+    v_ok = offs_v < HEAD_DIM
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, DV_P2], tl.float32)
+
+    bt_row = bt_ptr + seq.to(tl.int64) * bt_s0
+    kv_off = kvh.to(tl.int64) * c_s1
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # ---- 1. global keys, unrotated; queries at distance_limit -------------------
+    g0 = v0
+    g1 = tl.minimum(v1, n_gt)
+    if g0 < g1:
+        sg, cg = _sincos(distance_limit * freq)
+        sg = sg[None, :]
+        cg = cg[None, :]
+        qa32 = qa.to(tl.float32)
+        qb32 = qb.to(tl.float32)
+        qga = (qa32 * cg - qb32 * sg).to(cache_ptr.dtype.element_ty)
+        qgb = (qb32 * cg + qa32 * sg).to(cache_ptr.dtype.element_ty)
+        for vt in range(g0, g1):
+            j = vt * BLOCK_N + offs_n
+            jm = j < g_hi
+            base = _token_base(cache_ptr, bt_row, bt_s1, j, jm, kv_off, c_s0, c_s2, BLOCK_SIZE)
+            kmask = jm[:, None] & h_ok[None, :]
+            ka = tl.load(base[:, None] + col_a[None, :] * c_s3, mask=kmask, other=0.0)
+            kb = tl.load(base[:, None] + col_b[None, :] * c_s3, mask=kmask, other=0.0)
+            s = tl.dot(qga, tl.trans(ka), input_precision=DOT_PREC)
+            s = tl.dot(qgb, tl.trans(kb), s, input_precision=DOT_PREC)
+            if PASS_P2 > 0:
+                kp = tl.load(base[:, None] + col_p[None, :] * c_s3, mask=jm[:, None] & p_ok[None, :], other=0.0)
+                s = tl.dot(qp, tl.trans(kp), s, input_precision=DOT_PREC)
+            vv = tl.load(base[:, None] + (HEAD_DIM + offs_v)[None, :] * c_s3,
+                         mask=jm[:, None] & v_ok[None, :], other=0.0)
+            mask = (j[None, :] <= p[:, None] - n_local) & jm[None, :]
+            m_i, l_i, acc = _online_step(s, mask, vv, m_i, l_i, acc, qk_scale, DOT_PREC)
+
+    # ---- 2. local span, rotated relative to its start `lo` ----------------------
+    l0 = tl.maximum(v0, n_gt) - n_gt
+    l1 = v1 - n_gt
+    if l0 < l1:
+        sq, cq = _sincos((p - lo).to(tl.float32)[:, None] * freq[None, :])
+        qa32 = qa.to(tl.float32)
+        qb32 = qb.to(tl.float32)
+        qla = (qa32 * cq - qb32 * sq).to(cache_ptr.dtype.element_ty)
+        qlb = (qb32 * cq + qa32 * sq).to(cache_ptr.dtype.element_ty)
+        # in-tile offsets n: cos/sin((rel0 + n) f) by angle addition from this table
+        so, co = _sincos(offs_n.to(tl.float32)[:, None] * freq[None, :])
+        for vt in range(l0, l1):
+            rel0 = vt * BLOCK_N
+            j = lo + rel0 + offs_n
+            jm = j < hi
+            base = _token_base(cache_ptr, bt_row, bt_s1, j, jm, kv_off, c_s0, c_s2, BLOCK_SIZE)
+            kmask = jm[:, None] & h_ok[None, :]
+            ka = tl.load(base[:, None] + col_a[None, :] * c_s3, mask=kmask, other=0.0).to(tl.float32)
+            kb = tl.load(base[:, None] + col_b[None, :] * c_s3, mask=kmask, other=0.0).to(tl.float32)
+            sb, cb = _sincos(rel0.to(tl.float32) * freq)
+            sb = sb[None, :]
+            cb = cb[None, :]
+            ck = cb * co - sb * so
+            sk = sb * co + cb * so
+            kra = (ka * ck - kb * sk).to(cache_ptr.dtype.element_ty)
+            krb = (kb * ck + ka * sk).to(cache_ptr.dtype.element_ty)
+            s = tl.dot(qla, tl.trans(kra), input_precision=DOT_PREC)
+            s = tl.dot(qlb, tl.trans(krb), s, input_precision=DOT_PREC)
+            if PASS_P2 > 0:
+                kp = tl.load(base[:, None] + col_p[None, :] * c_s3, mask=jm[:, None] & p_ok[None, :], other=0.0)
+                s = tl.dot(qp, tl.trans(kp), s, input_precision=DOT_PREC)
+            vv = tl.load(base[:, None] + (HEAD_DIM + offs_v)[None, :] * c_s3,
+                         mask=jm[:, None] & v_ok[None, :], other=0.0)
+            mask = (j[None, :] <= p[:, None]) & (j[None, :] > p[:, None] - n_local) & jm[None, :]
+            m_i, l_i, acc = _online_step(s, mask, vv, m_i, l_i, acc, qk_scale, DOT_PREC)
+
+    # ---- write ------------------------------------------------------------------
+    out_mask = row_ok[:, None] & v_ok[None, :]
+    if NUM_SPLITS == 1:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        o_row = out_ptr + tok * o_s0 + head.to(tl.int64) * o_s1
+        tl.store(o_row[:, None] + offs_v[None, :] * o_s2, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # partials: acc [T, Hq, S, D], (m, l) [T, Hq, S, 2], contiguous
+        hq = tl.num_programs(1) * GROUP
+        slot = (tok * hq + head) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + slot[:, None] * HEAD_DIM + offs_v[None, :], acc, mask=out_mask)
+        tl.store(part_ml_ptr + slot * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + slot * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits(
+    part_acc_ptr, part_ml_ptr, out_ptr, o_s0, o_s1, o_s2,
+    NUM_SPLITS: tl.constexpr, S_P2: tl.constexpr, HEAD_DIM: tl.constexpr, DV_P2: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    hq = tl.num_programs(1)
+    offs_s = tl.arange(0, S_P2)
+    s_ok = offs_s < NUM_SPLITS
+    offs_v = tl.arange(0, DV_P2)
+    v_ok = offs_v < HEAD_DIM
+    slot = (tok * hq + head) * NUM_SPLITS + offs_s
+    m = tl.load(part_ml_ptr + slot * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(part_ml_ptr + slot * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)
+    a = tl.load(part_acc_ptr + slot[:, None] * HEAD_DIM + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :],
+                other=0.0)
+    num = tl.sum(a * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    den = tl.where(den > 0.0, den, 1.0)
+    o = num / den
+    tl.store(out_ptr + tok * o_s0 + head.to(tl.int64) * o_s1 + offs_v * o_s2, o.to(out_ptr.dtype.element_ty),
+             mask=v_ok)
+
+
+def _as_int32(x, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.int32).contiguous()
+    return torch.tensor(list(x), dtype=torch.int32, device=device)
+
+
+def _default_splits(device: torch.device, programs: int, max_tiles: int) -> int:
+    if device.type != "cuda" or programs <= 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(16, max_tiles, -(-2 * sms // programs)))
+
+
+def lambda_paged_attention_triton(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc,
+    seq_lens,
+    *,
+    pattern: LambdaPattern,
+    style: RopeStyle,
+    inv_freq: torch.Tensor,
+    scale: float,
+    query_scale=None,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Λ attention for a batch of sequences (prefill chunks and decodes mixed).
+
+    query: [T, Hq, D] raw queries; kv_cache: [num_blocks, Hkv, B, 2*D] (raw K then V
+    on the last dim, any strides); block_table: [num_seqs, max_blocks] int;
+    query_start_loc: [num_seqs+1], seq_lens: [num_seqs] (int32 device tensors or
+    lists); inv_freq: [R/2] or [num_seqs, R/2]; query_scale: None or [num_seqs].
+    Returns `out` ([T, Hq, D], query dtype unless `out` given). block_m/block_n/
+    num_splits/num_warps are tuning knobs (heuristic defaults); results do not
+    depend on them beyond rounding.
+    """
+    num_tokens, hq, dh = query.shape
+    nb, hkv, bs, two_d = kv_cache.shape
+    if two_d != 2 * dh:
+        raise ValueError(f"kv_cache last dim {two_d} != 2 * head_size {2 * dh}")
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads not a multiple of {hkv} KV heads")
+    if style.rotary_dim > dh:
+        raise ValueError(f"rotary_dim {style.rotary_dim} > head size {dh}")
+    if query.dtype != kv_cache.dtype:
+        query = query.to(kv_cache.dtype)
+    device = query.device
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=device)
+    num_seqs = block_table.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    qsl = _as_int32(query_start_loc, device)
+    sl = _as_int32(seq_lens, device)
+    if block_table.dtype not in (torch.int32, torch.int64):
+        block_table = block_table.to(torch.int32)
+    block_table = block_table.to(device)
+
+    half = style.rotary_dim // 2
+    freq = inv_freq.to(device=device, dtype=torch.float32)
+    if freq.dim() == 1:
+        freq = freq.contiguous()
+        freq_s0 = 0
+    else:
+        freq = freq.contiguous()
+        freq_s0 = freq.stride(0)
+    if freq.shape[-1] != half:
+        raise ValueError(f"inv_freq has {freq.shape[-1]} entries, rotary_dim/2 = {half}")
+    if query_scale is not None:
+        qscale = torch.as_tensor(query_scale, dtype=torch.float32).to(device).contiguous()
+    else:
+        qscale = freq  # unused placeholder pointer
+
+    group = hq // hkv
+    group_p2 = triton.next_power_of_2(group)
+    on_gpu = device.type == "cuda"
+    decode_only = num_tokens <= num_seqs
+    if block_m is None:
+        block_m = 1 if decode_only else max(1, 64 // group_p2)
+    rows = max(16, block_m * group_p2)
+    if block_n is None:
+        block_n = 64 if on_gpu else 32
+    block_n = _pow2(block_n)
+    n_global = min(pattern.n_global, _INT_CLAMP)
+    n_local = min(pattern.n_local, _INT_CLAMP)
+    if num_splits is None:
+        max_tiles = -(-min(n_global, _INT_CLAMP) // block_n) + -(-min(n_local + block_m, _INT_CLAMP) // block_n)
+        num_splits = _default_splits(device, num_seqs * hkv, max_tiles) if decode_only else 1
+    num_splits = max(1, int(num_splits))
+    pass_dim = dh - style.rotary_dim
+    dot_prec = "ieee" if kv_cache.dtype == torch.float32 else None
+    if num_warps is None:
+        num_warps = 8 if rows * _pow2(dh) >= 64 * 128 else 4
+
+    if num_splits > 1:
+        part_acc = torch.empty((num_tokens, hq, num_splits, dh), dtype=torch.float32, device=device)
+        part_ml = torch.empty((num_tokens, hq, num_splits, 2), dtype=torch.float32, device=device)
+    else:
+        part_acc = part_ml = out  # unused
+
+    grid = (num_tokens // block_m + num_seqs, hkv, num_splits)
+    _lambda_attn_fwd[grid](
+        query, kv_cache, block_table, qsl, sl, freq, qscale,
+        out, part_acc, part_ml,
+        num_seqs,
+        query.stride(0), query.stride(1), query.stride(2),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_table.stride(0), block_table.stride(1),
+        freq_s0,
+        out.stride(0), out.stride(1), out.stride(2),
+        n_global, n_local, float(pattern.distance_limit),
+        float(scale) * _LOG2E,
+        GROUP=group, GROUP_P2=group_p2, BLOCK_M=block_m, ROWS=rows,
+        BLOCK_N=block_n, BLOCK_SIZE=bs,
+        HEAD_DIM=dh, ROT_HALF=half, HALF_P2=_pow2(half),
+        PASS_DIM=pass_dim, PASS_P2=_pow2(pass_dim) if pass_dim > 0 else 0, DV_P2=_pow2(dh),
+        NEOX=bool(style.neox), HAS_QSCALE=query_scale is not None, NUM_SPLITS=num_splits,
+        DOT_PREC=dot_prec,
+        num_warps=num_warps,
+    )
+    if num_splits > 1:
+        _merge_splits[(num_tokens, hq)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1), out.stride(2),
+            NUM_SPLITS=num_splits, S_P2=triton.next_power_of_2(num_splits), HEAD_DIM=dh, DV_P2=_pow2(dh),
+            num_warps=4,
+        )
+    return out
+
+
+__all__ = ["lambda_paged_attention_triton"]

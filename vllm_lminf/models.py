@@ -1,0 +1,54 @@
+"""Model overrides: stock vLLM classes, with the plugin's attention swapped in when
+the config asks for LM-Infinite or CLEX. Without either they are the stock model:
+nothing is swapped and the hot path is untouched."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from lminf_kernels.pattern import LambdaPattern
+
+from . import attention, kv_policy
+from .clex_runtime import build_clex, plain_rope_during_init
+from .config import parse_lm_infinite
+
+
+class LMInfModelMixin:
+    """Put first in the bases: builds the stock model, then swaps attention in."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        hf_config = vllm_config.model_config.hf_config
+        with plain_rope_during_init(hf_config):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.lminf_config = lminf = parse_lm_infinite(hf_config)
+        self.clex = build_clex(hf_config, lminf)
+        if lminf is None and self.clex is None:
+            return  # stock model, untouched
+        pattern = lminf.pattern if lminf is not None else LambdaPattern.causal()
+        attention.install(
+            self, vllm_config, pattern=pattern, clex=self.clex,
+            kv_spec_factory=kv_policy.spec_factory(lminf),
+        )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if getattr(self, "clex", None) is None:
+            return super().load_weights(weights)
+        return self.clex.load_weights(weights, super().load_weights)
+
+
+class LMInfLlamaForCausalLM(LMInfModelMixin, LlamaForCausalLM):
+    pass
+
+
+class LMInfMistralForCausalLM(LMInfModelMixin, MistralForCausalLM):
+    pass
+
+
+class LMInfQwen2ForCausalLM(LMInfModelMixin, Qwen2ForCausalLM):
+    pass
