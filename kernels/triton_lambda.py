@@ -391,24 +391,25 @@ def lambda_paged_attention_triton(
 
     group = hq // hkv
     group_p2 = triton.next_power_of_2(group)
-    on_gpu = device.type == "cuda"
     decode_only = num_tokens <= num_seqs
+    wide = kv_cache.dtype == torch.float32  # fp32 tiles take twice the registers
     if block_m is None:
-        block_m = 1 if decode_only else max(1, 64 // group_p2)
+        block_m = 1 if decode_only else max(1, (16 if wide else 64) // group_p2)
     rows = max(16, block_m * group_p2)
     if block_n is None:
-        block_n = 64 if on_gpu else 32
+        block_n = 16 if wide else (64 if decode_only and dh <= 128 else 32)
     block_n = _pow2(block_n)
     n_global = min(pattern.n_global, _INT_CLAMP)
     n_local = min(pattern.n_local, _INT_CLAMP)
     if num_splits is None:
-        max_tiles = -(-min(n_global, _INT_CLAMP) // block_n) + -(-min(n_local + block_m, _INT_CLAMP) // block_n)
+        max_tiles = -(-n_global // block_n) + -(-min(n_local + block_m, _INT_CLAMP) // block_n)
         num_splits = _default_splits(device, num_seqs * hkv, max_tiles) if decode_only else 1
     num_splits = max(1, int(num_splits))
     pass_dim = dh - style.rotary_dim
-    dot_prec = "ieee" if kv_cache.dtype == torch.float32 else None
+    dot_prec = "ieee" if wide else None
     if num_warps is None:
-        num_warps = 8 if rows * _pow2(dh) >= 64 * 128 else 4
+        # sized so that the sm_90 builds of the default tiles do not spill registers
+        num_warps = 4 if rows * max(block_n, _pow2(dh)) <= 16 * 64 else 8
 
     if num_splits > 1:
         part_acc = torch.empty((num_tokens, hq, num_splits, dh), dtype=torch.float32, device=device)

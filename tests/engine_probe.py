@@ -1,0 +1,106 @@
+"""Runs inside an engine subprocess (see engine_runner.run_engine's `script`): steps an
+in-process LLM request by request and watches the KV pool while it works."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _core(llm):
+    return llm.llm_engine.engine_core.engine_core
+
+
+def kv_manager(llm):
+    return _core(llm).scheduler.kv_cache_manager
+
+
+def kv_caches(llm) -> list[torch.Tensor]:
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.kv_caches
+
+
+def poison_free_blocks(llm) -> int:
+    """NaN-fill every block the pool currently holds free (freed middle blocks
+    included: their ids stay stale in the worker's block table)."""
+    pool = kv_manager(llm).block_pool
+    ids = [b.block_id for b in pool.free_block_queue.get_all_free_blocks() if not b.is_null]
+    if ids:
+        idx = torch.tensor(ids)
+        for cache in kv_caches(llm):
+            cache[idx] = float("nan")
+    return len(ids)
+
+
+def track(llm, prompts, *, max_tokens, abort=None, poison=False, logprobs=True):
+    """Run prompts to completion (or abort), recording per-request peak held blocks.
+
+    abort: {index: "prefill" | "decode"} aborts request i once it is mid-prefill or
+    has produced its first tokens. Returns plain data.
+    """
+    from vllm import SamplingParams, TokensPrompt
+
+    mgr = kv_manager(llm)
+    single = mgr.coordinator.single_type_managers[0]
+    pool = mgr.block_pool
+    sched = _core(llm).scheduler
+    free_start = pool.get_num_free_blocks()
+    abort = abort or {}
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                            logprobs=0 if logprobs else None, prompt_logprobs=0 if logprobs else None)
+    names = [f"r{i}" for i in range(len(prompts))]
+    for name, ids in zip(names, prompts):
+        llm.llm_engine.add_request(name, TokensPrompt(prompt_token_ids=ids), params)
+    peak = {n: 0 for n in names}
+    preemptions = {}
+    done = {}
+    aborted = []
+    steps = 0
+    while llm.llm_engine.has_unfinished_requests():
+        for out in llm.llm_engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        steps += 1
+        for rid, req in list(sched.requests.items()):
+            ext = getattr(req, "external_req_id", None) or rid.split("-")[0]
+            key = next((n for n in names if ext == n or rid.startswith(n + "-") or rid == n), None)
+            if key is None:
+                continue
+            held = sum(not b.is_null for b in single.req_to_blocks.get(rid, []))
+            peak[key] = max(peak[key], held)
+            preemptions[key] = max(preemptions.get(key, 0), req.num_preemptions)
+            i = names.index(key)
+            mode = abort.get(i)
+            mid_prefill = 0 < req.num_computed_tokens < req.num_prompt_tokens
+            mid_decode = req.num_output_tokens > 0
+            if (mode == "prefill" and mid_prefill) or (mode == "decode" and mid_decode):
+                llm.llm_engine.abort_request([key])
+                aborted.append(key)
+                abort.pop(i)
+        if poison:
+            poison_free_blocks(llm)
+    results = []
+    for n, ids in zip(names, prompts):
+        o = done.get(n)
+        if o is None or n in aborted:
+            results.append(None)
+            continue
+        comp = o.outputs[0]
+        plp = None
+        if o.prompt_logprobs is not None:
+            plp = [None] + [o.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
+        lps = [s[t].logprob for s, t in zip(comp.logprobs, comp.token_ids)] if comp.logprobs else None
+        results.append({"tokens": list(comp.token_ids), "prompt_logprobs": plp, "logprobs": lps})
+    spec = single.kv_cache_spec
+    bound = spec.max_blocks_per_request() if hasattr(spec, "max_blocks_per_request") else None
+    return {
+        "results": results,
+        "peak_held": peak,
+        "bound": bound,
+        "block_size": single.block_size,
+        "free_start": free_start,
+        "free_end": pool.get_num_free_blocks(),
+        "pool_blocks": pool.num_gpu_blocks,
+        "preemptions": preemptions,
+        "aborted": aborted,
+        "steps": steps,
+        "manager": type(single).__name__,
+    }

@@ -1,0 +1,120 @@
+"""Bounded KV memory: the Λ policy frees middle blocks, holds a bounded number per
+sequence, never reads what it freed, and keeps vLLM's scheduling behaviours right.
+Engines run in subprocesses (engine_runner) and are stepped by engine_probe."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine_runner import run_engine
+from helpers.checkpoints import make_tiny_llama
+
+pytestmark = pytest.mark.slow
+
+G, W, B = 4, 64, 32
+LMINF = {"lm_infinite": {"n_global": G, "n_local": W, "distance_limit": W}}
+KEEP_ALL = {"lm_infinite": {"n_global": G, "n_local": W, "distance_limit": W, "free_middle_blocks": False}}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("kv"), max_position_embeddings=128, seed=2)
+
+
+def prompts_of(lengths, seed=None):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 380) for _ in range(n)] for n in lengths]
+
+
+def probe(model, prompts, *, overrides, max_tokens, engine=None, **kw):
+    args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    script = (
+        "import engine_probe\n"
+        f"extra = engine_probe.track(llm, {prompts!r}, max_tokens={max_tokens}{', ' + args if args else ''})\n"
+    )
+    eng = dict(max_model_len=1 << 20, block_size=B, max_num_batched_tokens=128, hf_overrides=overrides)
+    eng.update(engine or {})
+    # generate() is given no prompts: all work happens in the probe
+    return run_engine(model, [], engine=eng, script=script)["extra"]
+
+
+def same_outputs(a, b, tol=2e-4):
+    assert a["tokens"] == b["tokens"]
+    x = torch.tensor(a["prompt_logprobs"][1:] + a["logprobs"])
+    y = torch.tensor(b["prompt_logprobs"][1:] + b["logprobs"])
+    assert (x - y).abs().max().item() <= tol
+
+
+def test_eviction_equals_keeping_every_block_and_never_reads_freed_blocks(model):
+    """Mixed lengths in one batch; chunked prefill; with freed blocks NaN-poisoned
+    after every step, outputs equal a run that keeps every block."""
+    prompts = prompts_of([1500, 300, 40, 97])
+    kept = probe(model, prompts, overrides=KEEP_ALL, max_tokens=20)
+    freed = probe(model, prompts, overrides=LMINF, max_tokens=20, poison=True,
+                  engine=dict(enable_prefix_caching=False))
+    assert kept["manager"] == "FullAttentionManager"
+    assert freed["manager"] == "LambdaAttentionManager"
+    for a, b in zip(freed["results"], kept["results"]):
+        same_outputs(a, b)
+    # the long one really freed blocks: far fewer held than its length needs
+    assert freed["peak_held"]["r0"] <= freed["bound"] < (1520 // B)
+    assert kept["peak_held"]["r0"] >= 1520 // B
+
+
+def test_blocks_stay_bounded_over_16x_the_window_and_pool_recovers(model):
+    out = probe(model, prompts_of([100]), overrides=LMINF, max_tokens=16 * W + 60)
+    bound = out["bound"]
+    # n_global blocks + window + in-flight chunk + 1 straddling block
+    assert bound == -(-G // B) + -(-(W - 1 + 128) // B) + 1
+    assert out["peak_held"]["r0"] <= bound
+    assert len(out["results"][0]["tokens"]) == 16 * W + 60
+    assert out["free_end"] == out["free_start"]
+
+
+def test_aborts_mid_prefill_and_mid_decode_return_every_block(model):
+    prompts = prompts_of([900, 700, 50])
+    out = probe(model, prompts, overrides=LMINF, max_tokens=40, abort={0: "prefill", 1: "decode"})
+    assert sorted(out["aborted"]) == ["r0", "r1"]
+    assert out["results"][2] is not None and len(out["results"][2]["tokens"]) == 40
+    assert out["free_end"] == out["free_start"]
+
+
+def test_tiny_pool_serves_a_prompt_50x_its_size(model):
+    """A pool of 20 blocks (640 tokens) cannot hold one full-attention sequence of
+    the prompt's length; with the Λ policy a 32,000-token prompt is served, with
+    the same result as keeping every block in a large pool."""
+    prompt = prompts_of([32_000])
+    small = probe(model, prompt, overrides=LMINF, max_tokens=8, engine=dict(num_gpu_blocks_override=21))
+    assert small["pool_blocks"] == 21 and 32_000 >= 50 * 20 * B
+    kept = probe(model, prompt, overrides=KEEP_ALL, max_tokens=8)
+    same_outputs(small["results"][0], kept["results"][0])
+
+
+def test_preemption_by_recompute_gives_identical_outputs(model):
+    prompts = prompts_of([600, 500, 450, 400])
+    calm = probe(model, prompts, overrides=LMINF, max_tokens=150)
+    tight = probe(model, prompts, overrides=LMINF, max_tokens=150, engine=dict(num_gpu_blocks_override=15))
+    assert sum(tight["preemptions"].values()) > 0, tight["preemptions"]
+    for a, b in zip(tight["results"], calm["results"]):
+        same_outputs(a, b)
+
+
+def test_prefix_caching_with_evicted_blocks_is_exact(model):
+    """The same long prompt twice with prefix caching on: the second request hits
+    the cached global and still-resident blocks; results equal a no-cache run."""
+    p = prompts_of([1200])[0]
+    prompts = [p, p + [7, 8, 9]]
+    cached = probe(model, prompts, overrides=LMINF, max_tokens=12, engine=dict(enable_prefix_caching=True))
+    plain = probe(model, prompts, overrides=LMINF, max_tokens=12, engine=dict(enable_prefix_caching=False))
+    for a, b in zip(cached["results"], plain["results"]):
+        same_outputs(a, b)
+
+
+def test_pool_smaller_than_the_bound_fails_at_start_with_numbers(model):
+    with pytest.raises(RuntimeError) as err:
+        probe(model, prompts_of([10]), overrides=LMINF, max_tokens=1, engine=dict(num_gpu_blocks_override=5))
+    msg = str(err.value)
+    assert "needs up to 8 KV blocks per sequence" in msg and "only 4 usable blocks" in msg
