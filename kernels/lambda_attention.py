@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .pattern import LambdaPattern
-from .rope import RopeStyle, cos_sin, rotate
+from .rope import RopeStyle, cos_sin, cos_sin_table, rotate
 
 DEFAULT_QUERY_TILE = 256
 
@@ -93,8 +93,8 @@ def lambda_paged_attention(
             k_loc, v_loc = gather_span(kv_cache, row, lo, pb + 1)
             rel_q = torch.arange(pa - lo, pb - lo + 1)
             rel_k = torch.arange(0, pb + 1 - lo)
-            qc, qs = cos_sin(rel_q, freq)
-            kc, ks = cos_sin(rel_k, freq)
+            kc, ks = cos_sin_table(freq, pb + 1 - lo)  # relative positions: shared by every step
+            qc, qs = kc[pa - lo :], ks[pa - lo :]
             q_loc = rotate(q_heads, qc, qs, style).reshape(hkv, group * tq, dh)
             k_rot = rotate(k_loc, kc, ks, style)
             scores = _scores(q_loc, k_rot).view(hkv, group, tq, -1)

@@ -54,3 +54,26 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: RopeSty
     if rest.shape[-1] == 0:
         return out
     return torch.cat((out, rest), dim=-1)
+
+
+_TABLES: dict[tuple[bytes, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_TABLE_ROUND = 1024
+_TABLE_CACHE_SIZE = 16
+
+
+def cos_sin_table(inv_freq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of positions 0..n-1 times `inv_freq` ([R/2] float32), cached.
+
+    Keyed by the frequencies' values (not the tensor's identity: CLEX rows are fresh
+    tensors every step), so a hit is always the same table. Every layer of a step and
+    every step with the same frequencies reuses it.
+    """
+    size = -(-n // _TABLE_ROUND) * _TABLE_ROUND
+    key = (inv_freq.detach().cpu().numpy().tobytes(), size)
+    hit = _TABLES.get(key)
+    if hit is None:
+        if len(_TABLES) >= _TABLE_CACHE_SIZE:
+            _TABLES.pop(next(iter(_TABLES)))
+        hit = cos_sin(torch.arange(size, device=inv_freq.device), inv_freq)
+        _TABLES[key] = hit
+    return hit[0][:n], hit[1][:n]

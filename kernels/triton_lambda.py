@@ -14,8 +14,9 @@ group (GQA/MQA friendly) and fed to tensor-core dots.
 The grid's first axis needs no host-side knowledge of the query lengths: sequence s
 owns tile slots [qsl[s] // BLOCK_M + s, qsl[s+1] // BLOCK_M + s + 1), an upper
 bound on its ceil(q_len / BLOCK_M) tiles, so T // BLOCK_M + num_seqs slots cover any
-batch. A program finds its sequence by binary search over that (strictly
-increasing) start sequence; surplus slots do no work.
+batch (with BLOCK_M == 1, slots are simply tokens: [qsl[s], qsl[s+1]), T slots). A
+program finds its sequence by binary search for the last start <= its slot; surplus
+slots do no work.
 
 Each program streams two key sets through one online softmax (log2 domain):
   1. global keys [0, global_end(last query of tile)), unrotated, against the query
@@ -46,7 +47,8 @@ across NUM_SPLITS programs (flash-decoding); a small kernel merges the partial
 
 from __future__ import annotations
 
-import math
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -121,8 +123,14 @@ def _lambda_attn_fwd(
     HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr, HALF_P2: tl.constexpr,
     PASS_DIM: tl.constexpr, PASS_P2: tl.constexpr, DV_P2: tl.constexpr,
     NEOX: tl.constexpr, HAS_QSCALE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
+    # dot operand dtype: the cache dtype; fp32 under the CPU interpreter for bf16,
+    # whose interpreted dot multiplies raw bf16 bit patterns
+    if DOT_UPCAST:
+        dt = tl.float32
+    else:
+        dt = cache_ptr.dtype.element_ty
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -132,7 +140,9 @@ def _lambda_attn_fwd(
     hi_s = lo_s + num_seqs - 1
     while lo_s < hi_s:
         mid = (lo_s + hi_s + 1) // 2
-        start_mid = tl.load(qsl_ptr + mid) // BLOCK_M + mid
+        start_mid = tl.load(qsl_ptr + mid) // BLOCK_M
+        if BLOCK_M > 1:
+            start_mid += mid
         go_up = start_mid <= pid
         lo_s = tl.where(go_up, mid, lo_s)
         hi_s = tl.where(go_up, hi_s, mid - 1)
@@ -140,7 +150,10 @@ def _lambda_attn_fwd(
     q_seq0 = tl.load(qsl_ptr + seq)
     q_seq1 = tl.load(qsl_ptr + seq + 1)
     seq_len = tl.load(seqlen_ptr + seq)
-    tile = pid - (q_seq0 // BLOCK_M + seq)
+    if BLOCK_M > 1:
+        tile = pid - (q_seq0 // BLOCK_M + seq)
+    else:
+        tile = pid - q_seq0
     q_start = q_seq0 + tile * BLOCK_M
     tile_len = tl.minimum(q_seq1 - q_start, BLOCK_M)  # <= 0 for surplus slots
     has_work = tile_len > 0
@@ -189,6 +202,7 @@ def _lambda_attn_fwd(
         p_ok = offs_p < PASS_DIM
         col_p = 2 * ROT_HALF + offs_p
         qp = tl.load(q_row[:, None] + col_p[None, :] * q_s2, mask=row_ok[:, None] & p_ok[None, :], other=0.0)
+        qp = qp.to(dt)
 
     offs_v = tl.arange(0, DV_P2)
     v_ok = offs_v < HEAD_DIM
@@ -210,22 +224,23 @@ def _lambda_attn_fwd(
         cg = cg[None, :]
         qa32 = qa.to(tl.float32)
         qb32 = qb.to(tl.float32)
-        qga = (qa32 * cg - qb32 * sg).to(cache_ptr.dtype.element_ty)
-        qgb = (qb32 * cg + qa32 * sg).to(cache_ptr.dtype.element_ty)
+        qga = (qa32 * cg - qb32 * sg).to(dt)
+        qgb = (qb32 * cg + qa32 * sg).to(dt)
         for vt in range(g0, g1):
             j = vt * BLOCK_N + offs_n
             jm = j < g_hi
             base = _token_base(cache_ptr, bt_row, bt_s1, j, jm, kv_off, c_s0, c_s2, BLOCK_SIZE)
             kmask = jm[:, None] & h_ok[None, :]
-            ka = tl.load(base[:, None] + col_a[None, :] * c_s3, mask=kmask, other=0.0)
-            kb = tl.load(base[:, None] + col_b[None, :] * c_s3, mask=kmask, other=0.0)
+            ka = tl.load(base[:, None] + col_a[None, :] * c_s3, mask=kmask, other=0.0).to(dt)
+            kb = tl.load(base[:, None] + col_b[None, :] * c_s3, mask=kmask, other=0.0).to(dt)
             s = tl.dot(qga, tl.trans(ka), input_precision=DOT_PREC)
             s = tl.dot(qgb, tl.trans(kb), s, input_precision=DOT_PREC)
             if PASS_P2 > 0:
                 kp = tl.load(base[:, None] + col_p[None, :] * c_s3, mask=jm[:, None] & p_ok[None, :], other=0.0)
+                kp = kp.to(dt)
                 s = tl.dot(qp, tl.trans(kp), s, input_precision=DOT_PREC)
             vv = tl.load(base[:, None] + (HEAD_DIM + offs_v)[None, :] * c_s3,
-                         mask=jm[:, None] & v_ok[None, :], other=0.0)
+                         mask=jm[:, None] & v_ok[None, :], other=0.0).to(dt)
             mask = (j[None, :] <= p[:, None] - n_local) & jm[None, :]
             m_i, l_i, acc = _online_step(s, mask, vv, m_i, l_i, acc, qk_scale, DOT_PREC)
 
@@ -236,8 +251,8 @@ def _lambda_attn_fwd(
         sq, cq = _sincos((p - lo).to(tl.float32)[:, None] * freq[None, :])
         qa32 = qa.to(tl.float32)
         qb32 = qb.to(tl.float32)
-        qla = (qa32 * cq - qb32 * sq).to(cache_ptr.dtype.element_ty)
-        qlb = (qb32 * cq + qa32 * sq).to(cache_ptr.dtype.element_ty)
+        qla = (qa32 * cq - qb32 * sq).to(dt)
+        qlb = (qb32 * cq + qa32 * sq).to(dt)
         # in-tile offsets n: cos/sin((rel0 + n) f) by angle addition from this table
         so, co = _sincos(offs_n.to(tl.float32)[:, None] * freq[None, :])
         for vt in range(l0, l1):
@@ -253,15 +268,16 @@ def _lambda_attn_fwd(
             cb = cb[None, :]
             ck = cb * co - sb * so
             sk = sb * co + cb * so
-            kra = (ka * ck - kb * sk).to(cache_ptr.dtype.element_ty)
-            krb = (kb * ck + ka * sk).to(cache_ptr.dtype.element_ty)
+            kra = (ka * ck - kb * sk).to(dt)
+            krb = (kb * ck + ka * sk).to(dt)
             s = tl.dot(qla, tl.trans(kra), input_precision=DOT_PREC)
             s = tl.dot(qlb, tl.trans(krb), s, input_precision=DOT_PREC)
             if PASS_P2 > 0:
                 kp = tl.load(base[:, None] + col_p[None, :] * c_s3, mask=jm[:, None] & p_ok[None, :], other=0.0)
+                kp = kp.to(dt)
                 s = tl.dot(qp, tl.trans(kp), s, input_precision=DOT_PREC)
             vv = tl.load(base[:, None] + (HEAD_DIM + offs_v)[None, :] * c_s3,
-                         mask=jm[:, None] & v_ok[None, :], other=0.0)
+                         mask=jm[:, None] & v_ok[None, :], other=0.0).to(dt)
             mask = (j[None, :] <= p[:, None]) & (j[None, :] > p[:, None] - n_local) & jm[None, :]
             m_i, l_i, acc = _online_step(s, mask, vv, m_i, l_i, acc, qk_scale, DOT_PREC)
 
@@ -315,13 +331,60 @@ def _as_int32(x, device) -> torch.Tensor:
     return torch.tensor(list(x), dtype=torch.int32, device=device)
 
 
-def _default_splits(device: torch.device, programs: int, max_tiles: int) -> int:
-    if device.type != "cuda" or programs <= 0:
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if programs >= sms:
-        return 1
-    return max(1, min(16, max_tiles, -(-2 * sms // programs)))
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Tile sizes and launch shape of one call (see `plan_launch`)."""
+
+    block_m: int
+    rows: int
+    block_n: int
+    num_splits: int
+    num_warps: int
+    grid0: int
+
+
+def plan_launch(num_tokens: int, num_seqs: int, hq: int, hkv: int, head_size: int, dtype: torch.dtype,
+                pattern: LambdaPattern, *, num_sms: int | None = None, block_m: int | None = None,
+                block_n: int | None = None, num_splits: int | None = None,
+                num_warps: int | None = None) -> LaunchPlan:
+    """Heuristic tiles. Batches of single-token queries (decode) get one query per
+    tile and, when (sequence, KV head) programs are fewer than the SMs, KV splits.
+    The defaults were sized so that their sm_90 builds do not spill registers
+    (`benchmarks/bench_triton_kernels.py --compile-only` checks this offline)."""
+    group_p2 = triton.next_power_of_2(hq // hkv)
+    decode_only = num_tokens <= num_seqs
+    wide = dtype == torch.float32  # fp32 tiles take twice the registers
+    if block_m is None:
+        target_rows = 16 if wide else (64 if head_size <= 128 else 32)
+        block_m = 1 if decode_only else max(1, target_rows // group_p2)
+    rows = max(16, block_m * group_p2)
+    if block_n is None:
+        if wide:
+            block_n = 16
+        elif head_size <= 128:
+            block_n = 64 if decode_only else 32
+        else:
+            block_n = 32 if decode_only else 16
+    block_n = _pow2(block_n)
+    if num_splits is None:
+        num_splits = 1
+        programs = num_seqs * hkv
+        if decode_only and num_sms and 0 < programs < 4 * num_sms:
+            # aim at >= 4 programs per SM, each split keeping >= 4 key tiles
+            n_local = min(pattern.n_local, _INT_CLAMP)
+            max_tiles = -(-min(pattern.n_global, _INT_CLAMP) // block_n) + -(-(n_local + block_m) // block_n)
+            num_splits = max(1, min(16, max_tiles // 4, -(-4 * num_sms // programs)))
+    if num_warps is None:
+        num_warps = 4 if rows * max(block_n, _pow2(head_size)) <= 16 * 64 else 8
+    # tile slots: sequence s starts at qsl[s] // BLOCK_M (+ s when a tile holds more
+    # than one query, to absorb partial tiles)
+    grid0 = num_tokens if block_m == 1 else num_tokens // block_m + num_seqs
+    return LaunchPlan(block_m, rows, block_n, max(1, int(num_splits)), num_warps, grid0)
 
 
 def lambda_paged_attention_triton(
@@ -360,11 +423,11 @@ def lambda_paged_attention_triton(
         raise ValueError(f"{hq} query heads not a multiple of {hkv} KV heads")
     if style.rotary_dim > dh:
         raise ValueError(f"rotary_dim {style.rotary_dim} > head size {dh}")
-    if query.dtype != kv_cache.dtype:
-        query = query.to(kv_cache.dtype)
     device = query.device
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=device)
+    if query.dtype != kv_cache.dtype:
+        query = query.to(kv_cache.dtype)
     num_seqs = block_table.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
@@ -390,26 +453,15 @@ def lambda_paged_attention_triton(
         qscale = freq  # unused placeholder pointer
 
     group = hq // hkv
-    group_p2 = triton.next_power_of_2(group)
-    decode_only = num_tokens <= num_seqs
-    wide = kv_cache.dtype == torch.float32  # fp32 tiles take twice the registers
-    if block_m is None:
-        block_m = 1 if decode_only else max(1, (16 if wide else 64) // group_p2)
-    rows = max(16, block_m * group_p2)
-    if block_n is None:
-        block_n = 16 if wide else (64 if decode_only and dh <= 128 else 32)
-    block_n = _pow2(block_n)
-    n_global = min(pattern.n_global, _INT_CLAMP)
-    n_local = min(pattern.n_local, _INT_CLAMP)
-    if num_splits is None:
-        max_tiles = -(-n_global // block_n) + -(-min(n_local + block_m, _INT_CLAMP) // block_n)
-        num_splits = _default_splits(device, num_seqs * hkv, max_tiles) if decode_only else 1
-    num_splits = max(1, int(num_splits))
+    plan = plan_launch(
+        num_tokens, num_seqs, hq, hkv, dh, kv_cache.dtype, pattern,
+        num_sms=_num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda" else None,
+        block_m=block_m, block_n=block_n, num_splits=num_splits, num_warps=num_warps,
+    )
+    num_splits = plan.num_splits
     pass_dim = dh - style.rotary_dim
-    dot_prec = "ieee" if wide else None
-    if num_warps is None:
-        # sized so that the sm_90 builds of the default tiles do not spill registers
-        num_warps = 4 if rows * max(block_n, _pow2(dh)) <= 16 * 64 else 8
+    wide = kv_cache.dtype == torch.float32
 
     if num_splits > 1:
         part_acc = torch.empty((num_tokens, hq, num_splits, dh), dtype=torch.float32, device=device)
@@ -417,7 +469,7 @@ def lambda_paged_attention_triton(
     else:
         part_acc = part_ml = out  # unused
 
-    grid = (num_tokens // block_m + num_seqs, hkv, num_splits)
+    grid = (plan.grid0, hkv, num_splits)
     _lambda_attn_fwd[grid](
         query, kv_cache, block_table, qsl, sl, freq, qscale,
         out, part_acc, part_ml,
@@ -427,15 +479,15 @@ def lambda_paged_attention_triton(
         block_table.stride(0), block_table.stride(1),
         freq_s0,
         out.stride(0), out.stride(1), out.stride(2),
-        n_global, n_local, float(pattern.distance_limit),
+        min(pattern.n_global, _INT_CLAMP), min(pattern.n_local, _INT_CLAMP), float(pattern.distance_limit),
         float(scale) * _LOG2E,
-        GROUP=group, GROUP_P2=group_p2, BLOCK_M=block_m, ROWS=rows,
-        BLOCK_N=block_n, BLOCK_SIZE=bs,
+        GROUP=group, GROUP_P2=triton.next_power_of_2(group), BLOCK_M=plan.block_m, ROWS=plan.rows,
+        BLOCK_N=plan.block_n, BLOCK_SIZE=bs,
         HEAD_DIM=dh, ROT_HALF=half, HALF_P2=_pow2(half),
         PASS_DIM=pass_dim, PASS_P2=_pow2(pass_dim) if pass_dim > 0 else 0, DV_P2=_pow2(dh),
         NEOX=bool(style.neox), HAS_QSCALE=query_scale is not None, NUM_SPLITS=num_splits,
-        DOT_PREC=dot_prec,
-        num_warps=num_warps,
+        DOT_PREC="ieee" if wide else None, DOT_UPCAST=device.type != "cuda" and kv_cache.dtype == torch.bfloat16,
+        num_warps=plan.num_warps,
     )
     if num_splits > 1:
         _merge_splits[(num_tokens, hq)](

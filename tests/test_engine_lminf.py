@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from engine_runner import run_engine
-from helpers.checkpoints import make_tiny_llama
+from vllm_lminf.isolated import run_engine
+from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
 from helpers.reference import RefLlama
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,6 @@ larger grid runs on the GPU.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import sys
@@ -16,21 +15,24 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
+# The interpreter must be chosen before triton.language is first imported (its own
+# @jit helpers, e.g. tl.zeros, are built then); too late if something imported it.
+_TOO_LATE = "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
+_SKIP = None
 try:
     import triton
     import triton.language as tl
 
     import lminf_kernels.triton_lambda as triton_lambda
-
-    if not ON_GPU and type(triton_lambda._lambda_attn_fwd).__name__ != "InterpretedFunction":
-        # imported earlier in this process without the interpreter: decorate again
-        triton_lambda = importlib.reload(triton_lambda)
-    _SKIP = None
 except Exception as exc:  # pragma: no cover - depends on the environment
     _SKIP = f"triton unavailable: {type(exc).__name__}: {exc}"
+if _SKIP is None and not ON_GPU and _TOO_LATE:
+    _SKIP = ("no CUDA, and triton was imported before this module without TRITON_INTERPRET=1, so its "
+             "interpreter cannot be used; run this file alone or with TRITON_INTERPRET=1")
+if _SKIP:
     print(_SKIP, file=sys.stderr)
 
 from lminf_kernels.naive import lambda_paged_attention_naive
@@ -40,7 +42,7 @@ from lminf_kernels.rope import RopeStyle
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 DEVICE = "cuda" if ON_GPU else "cpu"
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2.5e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,6 +118,7 @@ CPU_CASES = [
     ("decode_one_past_mqa", [65], [1], P(4, 64, 64), 32, 4, 1, 16, 16, False, {}),
     ("decode_far_splits", [300], [1], P(10, 32, 32), 32, 4, 2, 16, 16, True, dict(block_n=16, num_splits=3)),
     ("length_one", [1, 2], [1, 1], P(4, 8, 8), 32, 2, 1, 16, 16, True, {}),
+    ("decode_batch_with_empty_row", [40, 9, 70], [1, 0, 1], P(2, 16, 16), 16, 4, 2, 16, 16, False, {}),
     ("mixed_batch_gptj_partial", [96, 5, 130, 33, 64], [20, 5, 1, 1, 0], P(3, 16, 20), 32, 6, 3, 16, 12, False,
      dict(block_m=8, block_n=16)),
     ("block128_g_odd", [128, 129, 200], [128, 1, 1], P(17, 40, 33), 128, 4, 2, 16, 16, True, {}),
@@ -132,21 +135,24 @@ CPU_DTYPE_CASES = {  # the half-precision runs, on a subset
 
 
 def _gpu_cases():
-    """Larger shapes for a real GPU: every case in every dtype and both styles."""
-    out = []
-    base = [
+    """Larger shapes for a real GPU; each shape in two (style, dtype) combinations,
+    cycling so that every dtype meets both styles (the naive reference on the CPU and
+    one Triton build per combination bound the size of this grid)."""
+    base = [  # name, seq_lens, q_lens, pattern, block_size, hq, hkv, dh, rotary_dim
         ("decode_window_4k", [5000, 4200, 1500, 4097], [1, 1, 1, 1], P(8, 4096, 4096), 16, 32, 8, 128, 128),
-        ("decode_mqa_b128", [3000, 700], [1, 1], P(4, 512, 512), 128, 16, 1, 128, 64),
-        ("prefill_chunked", [1100, 300], [256, 300], P(10, 256, 256), 32, 16, 4, 128, 128),
-        ("mixed", [2000, 60, 900, 4100, 33], [64, 60, 1, 1, 1], P(4, 512, 400), 64, 8, 2, 64, 32),
-        ("causal_prefill", [384], [384], P.causal(), 16, 8, 8, 128, 128),
-        ("head256", [700, 1200], [128, 1], P(4, 256, 256), 16, 8, 4, 256, 256),
-        ("head80_partial", [600], [200], P(7, 128, 100), 32, 6, 2, 80, 40),
+        ("decode_mqa_b128", [3000, 700, 129], [1, 1, 1], P(4, 512, 512), 128, 16, 1, 128, 64),
+        ("prefill_chunked", [600, 200], [64, 200], P(10, 256, 256), 32, 8, 2, 128, 128),
+        ("mixed", [2000, 60, 900, 4100, 33], [32, 60, 1, 1, 1], P(4, 512, 400), 64, 8, 2, 64, 32),
+        ("causal_prefill", [256], [256], P.causal(), 16, 4, 4, 128, 128),
+        ("head256", [700, 1200], [32, 1], P(4, 256, 256), 16, 4, 2, 256, 256),
+        ("head80_partial", [600], [96], P(7, 128, 100), 32, 6, 2, 80, 40),
     ]
-    for name, *rest in base:
-        for neox in (True, False):
-            for dt in (F32, F16, BF16):
-                out.append(pytest.param(*rest, neox, dt, {}, id=f"{name}-{'neox' if neox else 'gptj'}-{dt}"[:80]))
+    combos = [(True, BF16), (False, F16), (True, F32), (False, BF16), (True, F16), (False, F32)]
+    out = []
+    for i, (name, *rest) in enumerate(base):
+        for neox, dt in (combos[(2 * i) % 6], combos[(2 * i + 1) % 6]):
+            tag = f"{name}-{'neox' if neox else 'gptj'}-{str(dt).split('.')[-1]}"
+            out.append(pytest.param(*rest, neox, dt, {}, id=tag))
     return out
 
 
@@ -172,7 +178,7 @@ def test_matches_naive(seq_lens, q_lens, pattern, bs, hq, hkv, dh, rot, neox, dt
 
 def test_tiling_knobs_do_not_change_results():
     """block_m / block_n / num_splits only change the schedule, not the math."""
-    seq_lens, q_lens = [150, 40, 77], [30, 1, 1]
+    seq_lens, q_lens = [90, 40, 0, 77], [12, 1, 0, 1]
     pattern = P(5, 24, 24)
     gen = torch.Generator().manual_seed(7)
     query, cache, table, qsl = make_batch(seq_lens, q_lens, 4, 2, 16, 16, F32, gen)
@@ -180,7 +186,7 @@ def test_tiling_knobs_do_not_change_results():
     args = (query.to(DEVICE), cache.to(DEVICE), table.to(DEVICE), qsl, seq_lens)
     ref = triton_lambda.lambda_paged_attention_triton(*args, **kw)
     for knobs in (dict(block_m=1, block_n=16), dict(block_m=8, block_n=64), dict(block_m=1, num_splits=5),
-                  dict(block_m=32, block_n=16, num_splits=2)):
+                  dict(block_m=32, block_n=16, num_splits=2), dict(block_m=2, num_warps=2)):
         got = triton_lambda.lambda_paged_attention_triton(*args, **kw, **knobs)
         assert rel_err(got, ref) < 1e-6, knobs
 

@@ -1,6 +1,6 @@
 """Bounded KV memory: the Λ policy frees middle blocks, holds a bounded number per
 sequence, never reads what it freed, and keeps vLLM's scheduling behaviours right.
-Engines run in subprocesses (engine_runner) and are stepped by engine_probe."""
+Engines run in subprocesses (vllm_lminf.isolated) and are stepped by vllm_lminf.probe."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from engine_runner import run_engine
-from helpers.checkpoints import make_tiny_llama
+from vllm_lminf.isolated import run_engine
+from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +32,10 @@ def prompts_of(lengths, seed=None):
 def probe(model, prompts, *, overrides, max_tokens, engine=None, **kw):
     args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
     script = (
-        "import engine_probe\n"
+        "from vllm_lminf import probe as engine_probe\n"
         f"extra = engine_probe.track(llm, {prompts!r}, max_tokens={max_tokens}{', ' + args if args else ''})\n"
     )
-    eng = dict(max_model_len=1 << 20, block_size=B, max_num_batched_tokens=128, hf_overrides=overrides)
+    eng = dict(max_model_len=65536, block_size=B, max_num_batched_tokens=128, hf_overrides=overrides)
     eng.update(engine or {})
     # generate() is given no prompts: all work happens in the probe
     return run_engine(model, [], engine=eng, script=script)["extra"]
@@ -94,9 +94,12 @@ def test_tiny_pool_serves_a_prompt_50x_its_size(model):
 
 
 def test_preemption_by_recompute_gives_identical_outputs(model):
-    prompts = prompts_of([600, 500, 450, 400])
-    calm = probe(model, prompts, overrides=LMINF, max_tokens=150)
-    tight = probe(model, prompts, overrides=LMINF, max_tokens=150, engine=dict(num_gpu_blocks_override=15))
+    """Short prompts are admitted together, then grow during decode towards the
+    per-sequence bound: a 15-block pool cannot hold four of them, so vLLM preempts
+    and recomputes. Outputs equal an unpressured run."""
+    prompts = prompts_of([40, 50, 60, 70])
+    calm = probe(model, prompts, overrides=LMINF, max_tokens=300)
+    tight = probe(model, prompts, overrides=LMINF, max_tokens=300, engine=dict(num_gpu_blocks_override=15))
     assert sum(tight["preemptions"].values()) > 0, tight["preemptions"]
     for a, b in zip(tight["results"], calm["results"]):
         same_outputs(a, b)
@@ -118,3 +121,14 @@ def test_pool_smaller_than_the_bound_fails_at_start_with_numbers(model):
         probe(model, prompts_of([10]), overrides=LMINF, max_tokens=1, engine=dict(num_gpu_blocks_override=5))
     msg = str(err.value)
     assert "needs up to 8 KV blocks per sequence" in msg and "only 4 usable blocks" in msg
+
+
+def test_million_token_max_len_on_a_small_pool_generates_past_200k(model):
+    """max_model_len = 1,048,576 with a 64-block pool starts (the start-up check
+    sees the bounded footprint) and one sequence grows past 200K tokens."""
+    out = probe(model, prompts_of([200_100]), overrides=LMINF, max_tokens=16, logprobs=False,
+                engine=dict(max_model_len=1 << 20, num_gpu_blocks_override=64, max_num_batched_tokens=2048))
+    res = out["results"][0]
+    assert len(res["tokens"]) == 16
+    assert out["peak_held"]["r0"] <= out["bound"] <= 64
+    assert out["free_end"] == out["free_start"]

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from tests.helpers.checkpoints import make_tiny_llama
-from tests.helpers.reference import (
+from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+from helpers.reference import (
     RefLlama,
     causal_delta,
     default_inv_freq,

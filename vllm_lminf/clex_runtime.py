@@ -46,21 +46,25 @@ def clex_cap(hf_config) -> int | None:
 @contextlib.contextmanager
 def plain_rope_during_init(hf_config) -> Iterator[None]:
     """vLLM's get_rope rejects the 'clex' type: let the stock constructor build a
-    plain RoPE module (used only for its rotary dim and style), then restore."""
-    saved = {}
-    for attr in ("rope_scaling", "rope_parameters"):
-        value = getattr(hf_config, attr, None)
-        if isinstance(value, dict) and find_clex_rope_dict(hf_config) is value:
-            saved[attr] = value
-            plain = {k: v for k, v in value.items() if k in ("rope_theta", "partial_rotary_factor")}
-            plain.setdefault("rope_theta", _rope_theta(hf_config))
-            plain["rope_type"] = "default"
-            setattr(hf_config, attr, plain if attr == "rope_parameters" else None)
+    plain RoPE module (used only for its rotary dim and style), then restore.
+    transformers 5 may alias rope_scaling and rope_parameters; handle both."""
+    clex = find_clex_rope_dict(hf_config)
+    if clex is None:
+        yield
+        return
+    saved = {a: getattr(hf_config, a, None) for a in ("rope_parameters", "rope_scaling")}
+    plain = {k: v for k, v in clex.items() if k in ("rope_theta", "partial_rotary_factor")}
+    plain.setdefault("rope_theta", _rope_theta(hf_config))
+    plain["rope_type"] = "default"
+    hf_config.rope_parameters = plain
+    if find_clex_rope_dict(hf_config) is not None:
+        hf_config.rope_scaling = dict(plain)
     try:
         yield
     finally:
         for attr, value in saved.items():
-            setattr(hf_config, attr, value)
+            if value is not None:
+                setattr(hf_config, attr, value)
 
 
 class ClexFrequencies:

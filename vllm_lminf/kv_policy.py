@@ -53,6 +53,15 @@ class LambdaAttentionSpec(FullAttentionSpec):
         )
 
 
+def too_small_message(spec: LambdaAttentionSpec, usable_blocks: int) -> str:
+    return (
+        f"lm_infinite needs up to {spec.max_blocks_per_request()} KV blocks per sequence "
+        f"(n_global={spec.n_global}, n_local={spec.n_local}, in-flight tokens={spec.in_flight_tokens}, "
+        f"block_size={spec.block_size}) but the KV pool has only {usable_blocks} usable blocks: "
+        "lower n_local or max_num_batched_tokens, or give the KV cache more memory"
+    )
+
+
 class LambdaAttentionManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: LambdaAttentionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -65,13 +74,7 @@ class LambdaAttentionManager(FullAttentionManager):
             self.max_admission_blocks_per_request = need
         usable = self.block_pool.num_gpu_blocks - 1  # block 0 is the null block
         if need > usable:
-            raise ValueError(
-                f"lm_infinite needs up to {need} KV blocks per sequence (n_global="
-                f"{kv_cache_spec.n_global}, n_local={kv_cache_spec.n_local}, in-flight tokens="
-                f"{kv_cache_spec.in_flight_tokens}, block_size={self.block_size}) but the KV pool "
-                f"has only {usable} usable blocks: lower n_local or max_num_batched_tokens, or "
-                "give the KV cache more memory"
-            )
+            raise ValueError(too_small_message(kv_cache_spec, usable))
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
@@ -97,6 +100,33 @@ def spec_factory(lminf):
     return make_spec
 
 
+def _patch_memory_check() -> None:
+    """vLLM's start-up check speaks of max_model_len and GiB; for Λ layers the bound is
+    per-sequence blocks, so say that (same check, clearer message)."""
+    import vllm.v1.core.kv_cache_utils as kcu
+
+    original = kcu._check_enough_kv_cache_memory
+    if getattr(original, "_lminf_wrapped", False):
+        return
+
+    def wrapped(available_memory, get_needed_memory, *args, **kwargs):
+        try:
+            return original(available_memory, get_needed_memory, *args, **kwargs)
+        except ValueError as err:
+            call_args = getattr(get_needed_memory, "args", ())
+            if len(call_args) != 2:
+                raise
+            vllm_config, groups = call_args
+            ours = [g.kv_cache_spec for g in groups if isinstance(g.kv_cache_spec, LambdaAttentionSpec)]
+            if not ours:
+                raise
+            usable = max(0, available_memory) // kcu._pool_bytes_per_block(vllm_config, groups)
+            raise ValueError(too_small_message(ours[0], usable)) from err
+
+    wrapped._lminf_wrapped = True
+    kcu._check_enough_kv_cache_memory = wrapped
+
+
 def register_kv_policy() -> None:
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
@@ -104,3 +134,4 @@ def register_kv_policy() -> None:
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(LambdaAttentionSpec, LambdaAttentionManager,
                                  uniform_type_base_spec=FullAttentionSpec)
+    _patch_memory_check()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 SUPPORTED_VLLM = "0.32."
 
@@ -52,14 +53,26 @@ def _patch_max_len() -> None:
     if getattr(original, "_lminf_wrapped", False):
         return
 
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def wrapped(hf_config, *args, **kwargs):
+    def wrapped(*args, **kwargs):
         from .startup import allowed_max_len
 
+        bound = signature.bind(*args, **kwargs)
+        hf_config = bound.arguments["hf_config"]
         cap = allowed_max_len(hf_config)
-        if cap is not None and (getattr(hf_config, "model_max_length", None) or 0) < cap:
-            hf_config.model_max_length = cap
-        return original(hf_config, *args, **kwargs)
+        if cap is not None:
+            requested = bound.arguments.get("max_model_len")
+            if requested is not None and requested > cap:
+                raise ValueError(
+                    f"max_model_len={requested} is past what the plugin can serve for this model "
+                    f"({cap}: CLEX reaches max_position_embeddings x rope_scaling.max_factor); "
+                    "lower max_model_len or enable lm_infinite to go further"
+                )
+            if (getattr(hf_config, "model_max_length", None) or 0) < cap:
+                hf_config.model_max_length = cap
+        return original(*args, **kwargs)
 
     wrapped._lminf_wrapped = True
     model_cfg._get_and_verify_max_len = wrapped

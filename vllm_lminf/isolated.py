@@ -1,4 +1,5 @@
-"""Run one vLLM engine in a fresh subprocess and return its outputs as plain data.
+"""Run one vLLM engine in a fresh subprocess and return its outputs as plain data
+(used by the tests and the benchmarks).
 
 Each engine gets its own process so that configurations (and plugin on/off) never
 leak between engines, and a crash is a test failure rather than a dead session.
@@ -56,7 +57,7 @@ def run_engine(
             full_env["VLLM_PLUGINS"] = "none-such-plugin"
         full_env.update(env or {})
         proc = subprocess.run(
-            [sys.executable, __file__, str(inp), str(out)],
+            [sys.executable, "-m", "vllm_lminf.isolated", str(inp), str(out)],
             env=full_env, capture_output=True, text=True, timeout=timeout,
         )
         if proc.returncode != 0:

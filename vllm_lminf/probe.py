@@ -1,5 +1,6 @@
-"""Runs inside an engine subprocess (see engine_runner.run_engine's `script`): steps an
-in-process LLM request by request and watches the KV pool while it works."""
+"""Steps an in-process LLM (VLLM_ENABLE_V1_MULTIPROCESSING=0) request by request and
+watches the KV pool while it works: peak blocks held per request, free blocks, preemptions.
+Used by the tests and benchmarks, typically inside `isolated.run_engine(script=...)`."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def track(llm, prompts, *, max_tokens, abort=None, poison=False, logprobs=True):
         llm.llm_engine.add_request(name, TokensPrompt(prompt_token_ids=ids), params)
     peak = {n: 0 for n in names}
     preemptions = {}
+    max_running = 0
     done = {}
     aborted = []
     steps = 0
@@ -59,6 +61,7 @@ def track(llm, prompts, *, max_tokens, abort=None, poison=False, logprobs=True):
             if out.finished:
                 done[out.request_id] = out
         steps += 1
+        max_running = max(max_running, len(sched.running))
         for rid, req in list(sched.requests.items()):
             ext = getattr(req, "external_req_id", None) or rid.split("-")[0]
             key = next((n for n in names if ext == n or rid.startswith(n + "-") or rid == n), None)
@@ -102,5 +105,6 @@ def track(llm, prompts, *, max_tokens, abort=None, poison=False, logprobs=True):
         "preemptions": preemptions,
         "aborted": aborted,
         "steps": steps,
+        "max_running": max_running,
         "manager": type(single).__name__,
     }

@@ -1,0 +1,137 @@
+"""KV memory per sequence and concurrency for a fixed KV budget: stock vLLM vs the plugin.
+
+Block counts are measured on real engines (a tiny random Llama; the count of KV blocks
+a sequence holds does not depend on the model's width), by stepping the engine and
+recording the blocks each request holds at its peak. Bytes are then reported for
+SmolLM2-135M's KV geometry (30 layers x 3 KV heads x 64, bfloat16). Stock vLLM is
+measured up to --stock-max-len (full attention prefill is quadratic on CPU); beyond it
+the stock count is cdiv(len, block) (exactly what it measured below), marked "computed".
+
+    python benchmarks/kv_memory.py [--quick] [--out runs/kv_memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vllm_lminf.isolated import run_engine
+from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+
+BLOCK = 128
+SMOL_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 2  # layers * kv heads * head * (K,V) * bf16
+
+
+def peak_blocks(model, length, overrides, plugin, chunk, pool=None, n_requests=1, max_len=None):
+    script = (
+        "from vllm_lminf import probe\n"
+        f"extra = probe.track(llm, [[5] * {length - 8}] * {n_requests}, max_tokens=8, logprobs=False)\n"
+    )
+    engine = dict(max_model_len=max_len or max(length + 64, 1024), block_size=BLOCK,
+                  max_num_batched_tokens=chunk, enable_prefix_caching=False)
+    if overrides:
+        engine["hf_overrides"] = overrides
+    if pool:
+        engine["num_gpu_blocks_override"] = pool
+    out = run_engine(model, [], engine=engine, script=script, plugin=plugin,
+                     env={"VLLM_CPU_KVCACHE_SPACE": "4"})["extra"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small lengths only (CI smoke)")
+    ap.add_argument("--out", type=Path, default=Path("runs/kv_memory"))
+    ap.add_argument("--n-local", type=int, default=8192)
+    ap.add_argument("--n-global", type=int, default=10)
+    ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
+    ap.add_argument("--stock-max-len", type=int, default=32768)
+    ap.add_argument("--budget-gib", type=float, default=4.0, help="KV budget for the concurrency figure")
+    a = ap.parse_args(argv)
+
+    if a.quick:
+        lengths, a.n_local, a.stock_max_len, a.chunk = [512, 1024, 2048], 256, 2048, 256
+    else:
+        lengths = [1024 * 2**i for i in range(8)]  # 1K .. 128K
+    a.out.mkdir(parents=True, exist_ok=True)
+    overrides = {"lm_infinite": {"n_global": a.n_global, "n_local": a.n_local, "distance_limit": a.n_local}}
+    budget_blocks = int(a.budget_gib * 2**30 // (SMOL_BYTES_PER_TOKEN * BLOCK))
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # trained length set past every length so stock vLLM accepts them all
+        model = make_tiny_llama(Path(tmp) / "m", max_position_embeddings=max(lengths) + 64, seed=0)
+        for n in tqdm(lengths, desc="lengths"):
+            ours = peak_blocks(model, n, overrides, True, a.chunk, max_len=max(lengths) + 64)
+            if n <= a.stock_max_len:
+                stock = peak_blocks(model, n, None, False, a.chunk)
+                stock_blocks, stock_how = stock["peak_held"]["r0"], "measured"
+            else:
+                stock_blocks, stock_how = math.ceil(n / BLOCK), "computed"
+            ob = ours["peak_held"]["r0"]
+            rows.append({
+                "length": n,
+                "plugin_blocks": ob, "plugin_bound": ours["bound"],
+                "stock_blocks": stock_blocks, "stock": stock_how,
+                "plugin_bytes_smollm2": ob * BLOCK * SMOL_BYTES_PER_TOKEN,
+                "stock_bytes_smollm2": stock_blocks * BLOCK * SMOL_BYTES_PER_TOKEN,
+                "plugin_max_concurrency": budget_blocks // ob,
+                "stock_max_concurrency": budget_blocks // stock_blocks,
+            })
+        # one direct check of the concurrency figure: many long requests on the budget pool
+        check_len = 4 * a.n_local if not a.quick else 1024
+        n_req = min(rows[-1]["plugin_max_concurrency"], 12) if not a.quick else 3
+        conc = peak_blocks(model, check_len, overrides, True, a.chunk, pool=budget_blocks + 1,
+                           n_requests=n_req, max_len=max(lengths) + 64)
+    result = {
+        "block_size": BLOCK, "n_local": a.n_local, "n_global": a.n_global, "chunk": a.chunk,
+        "budget_gib": a.budget_gib, "budget_blocks": budget_blocks, "rows": rows,
+        "concurrency_check": {"length": check_len, "requests": n_req, "max_running": conc["max_running"],
+                              "peak_held_per_request": conc["peak_held"]},
+    }
+    (a.out / "kv_memory.json").write_text(json.dumps(result, indent=2))
+    print(f"{'length':>8} {'stock MiB':>10} {'plugin MiB':>11} {'ratio':>6} {'stock conc':>10} {'plugin conc':>11}")
+    for r in rows:
+        print(f"{r['length']:>8} {r['stock_bytes_smollm2'] / 2**20:>10.0f}{'*' if r['stock'] == 'computed' else ' '}"
+              f"{r['plugin_bytes_smollm2'] / 2**20:>10.0f} {r['stock_blocks'] / r['plugin_blocks']:>6.1f}"
+              f" {r['stock_max_concurrency']:>10} {r['plugin_max_concurrency']:>11}")
+    print(f"(* computed: cdiv(len, {BLOCK}) blocks)  concurrency check: {n_req} requests of {check_len} tokens "
+          f"on a {budget_blocks}-block pool ran {conc['max_running']} at once")
+    plot(result, a.out / "kv_memory.png")
+    print(f"wrote {a.out / 'kv_memory.json'} and {a.out / 'kv_memory.png'}")
+    return 0
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    x = [r["length"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(x, [r["stock_bytes_smollm2"] / 2**20 for r in rows], "o-", label="stock vLLM")
+    ax1.plot(x, [r["plugin_bytes_smollm2"] / 2**20 for r in rows], "s-", label="vllm-lminf")
+    for r in rows:
+        if r["stock"] == "computed":
+            ax1.plot([r["length"]], [r["stock_bytes_smollm2"] / 2**20], "o", mfc="white", color="C0")
+    ax1.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="KV held per sequence (MiB)",
+            title="KV per sequence (SmolLM2-135M geometry, bf16)")
+    ax1.legend()
+    ax2.plot(x, [r["stock_max_concurrency"] for r in rows], "o-", label="stock vLLM")
+    ax2.plot(x, [r["plugin_max_concurrency"] for r in rows], "s-", label="vllm-lminf")
+    ax2.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="max concurrent sequences",
+            title=f"concurrency in a {result['budget_gib']:g} GiB KV budget")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""The `lm_infinite` key and start-up checks (no engine)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_lminf.config import parse_lm_infinite
+from vllm_lminf.startup import UNBOUNDED_MAX_LEN, allowed_max_len
+
+
+def cfg(lminf=..., **kw):
+    base = dict(max_position_embeddings=4096, architectures=["LlamaForCausalLM"])
+    base.update(kw)
+    if lminf is not ...:
+        base["lm_infinite"] = lminf
+    return SimpleNamespace(**base)
+
+
+def test_absent_means_off():
+    assert parse_lm_infinite(cfg()) is None
+    assert allowed_max_len(cfg()) is None
+
+
+def test_defaults_follow_the_trained_length():
+    c = parse_lm_infinite(cfg({}))
+    assert (c.n_global, c.n_local, c.distance_limit, c.free_middle_blocks) == (10, 4096, 4096, True)
+    assert parse_lm_infinite(cfg(True)) == c
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ({"n_global": -1}, "lm_infinite.n_global must be an integer >= 0, got -1"),
+        ({"n_local": 0}, "lm_infinite.n_local must be an integer >= 1, got 0"),
+        ({"n_local": 3.5}, "lm_infinite.n_local must be an integer >= 1, got 3.5"),
+        ({"distance_limit": True}, "lm_infinite.distance_limit must be an integer >= 1, got True"),
+        ({"window": 5}, "unknown key(s) ['window']; allowed keys:"),
+        ({"free_middle_blocks": "yes"}, "lm_infinite.free_middle_blocks must be true or false"),
+        ([1, 2], "lm_infinite must be a mapping"),
+        ({"n_local": 5000}, "n_local=5000 exceeds the trained length max_position_embeddings=4096"),
+        ({"distance_limit": 8192}, "allow_untrained_distance=true"),
+    ],
+)
+def test_bad_values_name_the_field(value, message):
+    with pytest.raises(ValueError) as err:
+        parse_lm_infinite(cfg(value))
+    assert message in str(err.value)
+
+
+def test_untrained_distance_needs_opt_in():
+    c = parse_lm_infinite(cfg({"n_local": 8192, "distance_limit": 9000, "allow_untrained_distance": True}))
+    assert (c.n_local, c.distance_limit) == (8192, 9000)
+
+
+def test_unsupported_architecture_is_refused_listing_supported():
+    with pytest.raises(ValueError) as err:
+        allowed_max_len(cfg({}, architectures=["GPT2LMHeadModel"]))
+    assert "GPT2LMHeadModel" in str(err.value) and "LlamaForCausalLM" in str(err.value)
+
+
+def test_lm_infinite_lifts_the_length_cap():
+    assert allowed_max_len(cfg({})) == UNBOUNDED_MAX_LEN
+
+
+def test_register_is_reentrant_and_checks_the_version(monkeypatch):
+    import vllm
+
+    from vllm_lminf import register
+    from vllm_lminf.registration import check_vllm_version
+
+    register()
+    register()
+    monkeypatch.setattr(vllm, "__version__", "0.40.1")
+    with pytest.raises(RuntimeError, match="supports vLLM 0.32.x only"):
+        check_vllm_version()

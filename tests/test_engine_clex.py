@@ -1,0 +1,162 @@
+"""CLEX end to end on a small random CLEX checkpoint: vLLM with the plugin against an
+independent float64 forward whose frequencies come straight from torchdiffeq."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from vllm_lminf.isolated import run_engine
+from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+from helpers.reference import RefLlama
+
+pytestmark = pytest.mark.slow
+
+L, MAX_FACTOR, HEAD, BASE = 128, 4, 32, 10000.0
+CLEX_SCALING = {"type": "clex", "max_factor": MAX_FACTOR, "param_factor": 1, "act": "tanh", "time_dt": 0.01}
+
+
+def clex_tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    half = HEAD // 2
+    inv_freq = 1.0 / BASE ** (torch.arange(0, HEAD, 2, dtype=torch.float32) / HEAD)
+    return {
+        "model.clex_layer.inv_freq": inv_freq,
+        "model.clex_layer.proj_func.ode_up_proj": torch.randn(half, HEAD, generator=g) * 0.5,
+        "model.clex_layer.proj_func.ode_down_proj": torch.randn(HEAD, half, generator=g) * 0.5,
+    }
+
+
+def torchdiffeq_frequencies(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[MAX_FACTOR, HEAD/2] float64 frequencies at t = 1..MAX_FACTOR, solved by torchdiffeq."""
+    from torchdiffeq import odeint
+
+    d = HEAD
+    i = torch.arange(d // 2, dtype=torch.float64)
+    up = t["model.clex_layer.proj_func.ode_up_proj"].double()
+    down = t["model.clex_layer.proj_func.ode_down_proj"].double()
+
+    def rhs(time, z):
+        alpha = max(2 * float(time) - 1, 1.0)
+        log_ntk = -(2 * i / d) * (math.log(BASE) + d / (d - 2) * math.log(alpha))
+        dlog_ntk = -(2 * i / d) * (d / (d - 2)) * 2 / alpha
+        return torch.tanh((z + log_ntk) @ up) @ down + dlog_ntk
+
+    z0 = t["model.clex_layer.inv_freq"].double().log()
+    times = torch.arange(1, MAX_FACTOR + 1, dtype=torch.float64)
+    return odeint(rhs, z0, times, method="rk4", options={"step_size": 0.01}).exp()
+
+
+def t_of(S: int) -> int:
+    return min(max(1, math.ceil(S / L)), MAX_FACTOR)
+
+
+@pytest.fixture(scope="module")
+def clex_model(tmp_path_factory):
+    tensors = clex_tensors(seed=random.randrange(1 << 20))
+    path = make_tiny_llama(
+        tmp_path_factory.mktemp("clex"), max_position_embeddings=L, head_dim=HEAD, seed=5,
+        extra_config={"rope_scaling": CLEX_SCALING, "log_scale": True}, extra_tensors=tensors,
+    )
+    freqs = torchdiffeq_frequencies(tensors)
+    ref = RefLlama(path, impl="fast")
+    return path, freqs, ref
+
+
+def ref_kwargs(freqs, lm_infinite=None):
+    return dict(
+        lm_infinite=lm_infinite,
+        inv_freq_for_len=lambda S: freqs[t_of(S) - 1],
+        query_scale_for_len=lambda S: math.log(S) / math.log(L),
+    )
+
+
+def ref_prompt_logprobs(ref, ids, freqs, lm_infinite=None):
+    lp = ref.logprobs(ids, **ref_kwargs(freqs, lm_infinite))
+    return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
+def ref_generated_logprobs(ref, seq, n_prompt, freqs, lm_infinite=None):
+    """Token S (S >= n_prompt) is predicted by a step whose sequence length is S."""
+    out = []
+    for S in range(n_prompt, len(seq)):
+        lp = ref.logprobs(seq[:S], **ref_kwargs(freqs, lm_infinite))
+        out.append(lp[-1, seq[S]].item())
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def rand_ids(n, rng):
+    return [rng.randrange(3, 380) for _ in range(n)]
+
+
+def test_frequencies_really_change_with_t(clex_model):
+    _, freqs, _ = clex_model
+    for a in range(MAX_FACTOR - 1):
+        assert (freqs[a + 1] / freqs[a] - 1).abs().max() > 1e-2
+
+
+def test_prompts_in_different_t_in_one_batch_match_reference(clex_model):
+    """Four prompts landing in t = 1, 2, 3, 4, scheduled together in one step (no
+    chunking): each matches the float64 CLEX forward of that sequence alone."""
+    path, freqs, ref = clex_model
+    rng = random.Random()
+    prompts = [rand_ids(n, rng) for n in (100, 200, 300, 500)]
+    outs = run_engine(path, prompts, engine=dict(max_model_len=L * MAX_FACTOR, max_num_batched_tokens=2048),
+                      sampling=dict(max_tokens=1, prompt_logprobs=0))
+    assert sorted({t_of(len(p)) for p in prompts}) == [1, 2, 3, 4]
+    for p, o in zip(prompts, outs):
+        got = torch.tensor(o["prompt_logprobs"][1:], dtype=torch.float64)
+        want = ref_prompt_logprobs(ref, p, freqs)
+        assert (got - want).abs().max().item() < 2e-4, (len(p), (got - want).abs().max())
+
+
+def test_generation_across_a_t_boundary_rerotates_everything(clex_model):
+    """A 120-token prompt generating 30 tokens crosses S = 128 (t 1 -> 2); each token's
+    logprob equals the reference that re-rotates every key at that step's t."""
+    path, freqs, ref = clex_model
+    rng = random.Random()
+    prompt = rand_ids(120, rng)
+    other = rand_ids(300, rng)  # decoded alongside, at t = 3
+    outs = run_engine(path, [prompt, other], engine=dict(max_model_len=L * MAX_FACTOR),
+                      sampling=dict(max_tokens=30, logprobs=0))
+    for p, o in zip([prompt, other], outs):
+        seq = p + o["tokens"]
+        got = torch.tensor(o["logprobs"], dtype=torch.float64)
+        want = ref_generated_logprobs(ref, seq, len(p), freqs)
+        assert (got - want).abs().max().item() < 2e-4
+
+
+def test_beyond_the_cap_is_refused_without_lm_infinite(clex_model):
+    path, _, _ = clex_model
+    with pytest.raises(RuntimeError, match="max_model_len"):
+        run_engine(path, [[5, 6]], engine=dict(max_model_len=L * MAX_FACTOR + 1))
+
+
+def test_clex_with_lm_infinite_past_the_cap(clex_model):
+    """CLEX frequencies at min(ceil(S/L), max_factor) with the Λ window and distance
+    clamp on top, on a prompt past L * max_factor."""
+    path, freqs, ref = clex_model
+    rng = random.Random()
+    prompt = rand_ids(700, rng)
+    lminf = (4, 64, 64)
+    overrides = {"lm_infinite": {"n_global": 4, "n_local": 64, "distance_limit": 64}}
+    outs = run_engine(path, [prompt], engine=dict(max_model_len=4096, max_num_batched_tokens=1024,
+                                                   hf_overrides=overrides),
+                      sampling=dict(max_tokens=5, prompt_logprobs=0, logprobs=0))
+    o = outs[0]
+    got = torch.tensor(o["prompt_logprobs"][1:], dtype=torch.float64)
+    want = ref_prompt_logprobs(ref, prompt, freqs, lminf)
+    assert (got - want).abs().max().item() < 2e-4
+    seq = prompt + o["tokens"]
+    got_gen = torch.tensor(o["logprobs"], dtype=torch.float64)
+    assert (got_gen - ref_generated_logprobs(ref, seq, len(prompt), freqs, lminf)).abs().max().item() < 2e-4
+
+
+def test_missing_clex_weights_fail_at_start(tmp_path):
+    path = make_tiny_llama(tmp_path / "m", max_position_embeddings=L, head_dim=HEAD,
+                           extra_config={"rope_scaling": CLEX_SCALING})
+    with pytest.raises(RuntimeError, match="checkpoint lacks"):
+        run_engine(path, [[5, 6]], engine=dict(max_model_len=L))
