@@ -25,8 +25,8 @@ def clex_tensors(seed: int) -> dict[str, torch.Tensor]:
     inv_freq = 1.0 / BASE ** (torch.arange(0, HEAD, 2, dtype=torch.float32) / HEAD)
     return {
         "model.clex_layer.inv_freq": inv_freq,
-        "model.clex_layer.proj_func.ode_up_proj": torch.randn(half, HEAD, generator=g) * 0.5,
-        "model.clex_layer.proj_func.ode_down_proj": torch.randn(HEAD, half, generator=g) * 0.5,
+        "model.clex_layer.proj_func.ode_up_proj": torch.randn(half, HEAD, generator=g) * 0.02,
+        "model.clex_layer.proj_func.ode_down_proj": torch.randn(HEAD, half, generator=g) * 0.02,
     }
 
 

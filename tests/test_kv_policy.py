@@ -127,7 +127,7 @@ def test_million_token_max_len_on_a_small_pool_generates_past_200k(model):
     """max_model_len = 1,048,576 with a 64-block pool starts (the start-up check
     sees the bounded footprint) and one sequence grows past 200K tokens."""
     out = probe(model, prompts_of([200_100]), overrides=LMINF, max_tokens=16, logprobs=False,
-                engine=dict(max_model_len=1 << 20, num_gpu_blocks_override=64, max_num_batched_tokens=2048))
+                engine=dict(max_model_len=1 << 20, num_gpu_blocks_override=64, max_num_batched_tokens=1024))
     res = out["results"][0]
     assert len(res["tokens"]) == 16
     assert out["peak_held"]["r0"] <= out["bound"] <= 64

@@ -34,7 +34,10 @@ class LMInfMetadata:
     seq_lens: list[int]
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
-    # Filled by the model's CLEX module once per step (None without CLEX).
+    # The same two on the device (read by the Triton kernel on CUDA).
+    query_start_loc_dev: torch.Tensor
+    seq_lens_dev: torch.Tensor
+    # Per-step values shared by every layer (CLEX frequency rows, query scales).
     step_cache: dict[str, Any]
 
 
@@ -55,6 +58,8 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
             seq_lens=m.seq_lens[: m.num_reqs].cpu().tolist(),
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping,
+            query_start_loc_dev=m.query_start_loc[: m.num_reqs + 1],
+            seq_lens_dev=m.seq_lens[: m.num_reqs],
             step_cache={},
         )
 
@@ -78,6 +83,13 @@ class RotarySource:
 
     def query_scale(self, metadata: LMInfMetadata) -> list[float] | None:
         return None if self.clex is None else self.clex.query_scale(metadata)
+
+
+def _triton_kernel():
+    # Imported on first CUDA use only: the CPU path must not need a working Triton.
+    from lminf_kernels.triton_lambda import lambda_paged_attention_triton
+
+    return lambda_paged_attention_triton
 
 
 class LMInfAttentionImpl(AttentionImpl):
@@ -137,12 +149,16 @@ class LMInfAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling / compile warm-up: no cache, no work
             return output
         n = attn_metadata.num_actual_tokens
-        lambda_paged_attention(
+        if query.is_cuda:
+            attend, qsl, lens = _triton_kernel(), attn_metadata.query_start_loc_dev, attn_metadata.seq_lens_dev
+        else:
+            attend, qsl, lens = lambda_paged_attention, attn_metadata.query_start_loc, attn_metadata.seq_lens
+        attend(
             query[:n],
             kv_cache,
             attn_metadata.block_table,
-            attn_metadata.query_start_loc,
-            attn_metadata.seq_lens,
+            qsl,
+            lens,
             pattern=self.pattern,
             style=self.rotary.style,
             inv_freq=self.rotary.frequencies(attn_metadata),
