@@ -39,6 +39,31 @@ def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.bmm(q, k.transpose(1, 2))
 
 
+def _flash(q, k, v, mask, scale):
+    """Fused attention that also returns the log-sum-exp (torch's CPU flash kernel);
+    q: [H, M, D], k/v: [H, N, D], mask: additive [M, N] or None."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q[None], k[None], v[None], 0.0, False, attn_mask=mask, scale=scale
+    )
+    return out[0], lse[0]
+
+
+def _dense(q, k, v, mask, scale):
+    """Same contract as _flash, unfused (devices without the CPU kernel)."""
+    s = _scores(q, k) * scale
+    if mask is not None:
+        s = s + mask
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.bmm(torch.exp(s - lse[..., None]), v), lse
+
+
+def _merge(o1, lse1, o2, lse2):
+    """Combine two partial softmaxes over disjoint key sets (lse2 may be -inf)."""
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
+    return (o1 * w1[..., None] + o2 * w2[..., None]) / (w1 + w2)[..., None]
+
+
 def lambda_paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -69,6 +94,7 @@ def lambda_paged_attention(
     if out is None:
         out = torch.empty_like(query)
     inv_freq = inv_freq.to(torch.float32)
+    attend = _flash if query.device.type == "cpu" else _dense
     for i, seq_len in enumerate(seq_lens):
         a, b = query_start_loc[i], query_start_loc[i + 1]
         if b <= a:
@@ -90,33 +116,33 @@ def lambda_paged_attention(
             q_heads = q.view(tq, hkv, group, dh).permute(1, 2, 0, 3)
 
             lo = pattern.local_start(pa)
+            n_keys = pb + 1 - lo
             k_loc, v_loc = gather_span(kv_cache, row, lo, pb + 1)
-            rel_q = torch.arange(pa - lo, pb - lo + 1)
-            rel_k = torch.arange(0, pb + 1 - lo)
-            kc, ks = cos_sin_table(freq, pb + 1 - lo)  # relative positions: shared by every step
-            qc, qs = kc[pa - lo :], ks[pa - lo :]
-            q_loc = rotate(q_heads, qc, qs, style).reshape(hkv, group * tq, dh)
+            kc, ks = cos_sin_table(freq, n_keys)  # relative positions: shared by every step
+            q_loc = rotate(q_heads, kc[pa - lo :], ks[pa - lo :], style).reshape(hkv, group * tq, dh)
             k_rot = rotate(k_loc, kc, ks, style)
-            scores = _scores(q_loc, k_rot).view(hkv, group, tq, -1)
-            # local mask: key kk (relative) visible to query qq iff qq - W < kk <= qq
-            kk = rel_k[None, :]
-            qq = rel_q[:, None]
-            scores.masked_fill_(~((kk <= qq) & (kk > qq - pattern.n_local)), float("-inf"))
-            values = v_loc
+            mask = None
+            if tq > 1:
+                # query at relative position r sees keys (r - W, r]; rows are (head, token)
+                rel_q = torch.arange(pa - lo, pb - lo + 1)[:, None]
+                rel_k = torch.arange(n_keys)[None, :]
+                visible = (rel_k <= rel_q) & (rel_k > rel_q - pattern.n_local)
+                mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(group, 1)
+            fn = attend if tq > 1 else _dense  # the fused kernel only pays off for many queries
+            res, lse = fn(q_loc, k_rot, v_loc.to(torch.float32), mask, scale)
 
             g_hi = pattern.global_end(pb)
             if g_hi > 0:
                 k_g, v_g = gather_span(kv_cache, row, 0, g_hi)
                 q_g = rotate(q_heads, gcos, gsin, style).reshape(hkv, group * tq, dh)
-                g_scores = _scores(q_g, k_g.to(torch.float32)).view(hkv, group, tq, g_hi)
                 # key j is global for query p iff j <= p - W
                 pos = torch.arange(pa, pb + 1)[:, None]
-                jj = torch.arange(g_hi)[None, :]
-                g_scores.masked_fill_(~(jj <= pos - pattern.n_local), float("-inf"))
-                scores = torch.cat((scores, g_scores), dim=-1)
-                values = torch.cat((v_loc, v_g), dim=1)
+                seen = torch.arange(g_hi)[None, :] <= pos - pattern.n_local
+                g_mask = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf")).repeat(group, 1)
+                s_g = _scores(q_g, k_g.to(torch.float32)) * scale + g_mask
+                lse_g = torch.logsumexp(s_g, dim=-1)
+                p_g = torch.exp(s_g - lse_g.clamp(min=-1e30)[..., None])  # rows with no key stay 0
+                res = _merge(res, lse, torch.bmm(p_g, v_g.to(torch.float32)), lse_g)
 
-            probs = torch.softmax(scores.mul_(scale), dim=-1).view(hkv, group * tq, -1)
-            res = torch.bmm(probs, values.to(torch.float32))  # [Hkv, G*T, D]
             out[t0:t1] = res.view(hkv, group, tq, -1).permute(2, 0, 1, 3).reshape(tq, hq, -1)
     return out

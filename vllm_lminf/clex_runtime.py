@@ -55,6 +55,11 @@ def plain_rope_during_init(hf_config) -> Iterator[None]:
     saved = {a: getattr(hf_config, a, None) for a in ("rope_parameters", "rope_scaling")}
     plain = {k: v for k, v in clex.items() if k in ("rope_theta", "partial_rotary_factor")}
     plain.setdefault("rope_theta", _rope_theta(hf_config))
+    if "partial_rotary_factor" not in plain:  # Phi / GPT-NeoX configs may keep it top level
+        for name in ("partial_rotary_factor", "rotary_pct"):
+            if getattr(hf_config, name, None) is not None:
+                plain["partial_rotary_factor"] = float(getattr(hf_config, name))
+                break
     plain["rope_type"] = "default"
     hf_config.rope_parameters = plain
     if find_clex_rope_dict(hf_config) is not None:
