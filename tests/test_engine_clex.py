@@ -11,7 +11,7 @@ import torch
 
 from vllm_lminf.isolated import run_engine
 from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
-from helpers.reference import RefLlama
+from helpers.reference import RefLlama, incremental_logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -80,12 +80,9 @@ def ref_prompt_logprobs(ref, ids, freqs, lm_infinite=None):
 
 
 def ref_generated_logprobs(ref, seq, n_prompt, freqs, lm_infinite=None):
-    """Token S (S >= n_prompt) is predicted by a step whose sequence length is S."""
-    out = []
-    for S in range(n_prompt, len(seq)):
-        lp = ref.logprobs(seq[:S], **ref_kwargs(freqs, lm_infinite))
-        out.append(lp[-1, seq[S]].item())
-    return torch.tensor(out, dtype=torch.float64)
+    """Token S (S >= n_prompt) is predicted by a step whose sequence length is S; each
+    step re-rotates every cached raw key with its own t (the reference CLEX semantics)."""
+    return incremental_logprobs(ref, seq[:n_prompt], seq[n_prompt:], **ref_kwargs(freqs, lm_infinite))
 
 
 def rand_ids(n, rng):

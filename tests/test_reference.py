@@ -292,3 +292,22 @@ def test_tokenizer_roundtrip(ckpt):
     enc = tok(text)["input_ids"]
     assert enc[0] == tok.bos_token_id and tok.unk_token_id not in enc
     assert tok.decode(enc, skip_special_tokens=True) == text
+
+
+def test_incremental_equals_full_recompute_when_nothing_depends_on_the_step(tmp_path):
+    """With fixed frequencies and no query scale, generating step by step from a cache
+    of raw keys is the same computation as re-running the whole sequence."""
+    import random
+
+    from helpers.reference import RefLlama, incremental_logprobs
+
+    path = make_tiny_llama(tmp_path / "m", max_position_embeddings=64, seed=11)
+    ref = RefLlama(path, impl="fast")
+    rng = random.Random()
+    prompt = [rng.randrange(3, 300) for _ in range(40)]
+    new = [rng.randrange(3, 300) for _ in range(6)]
+    for lminf in (None, (2, 8, 8)):
+        inc = incremental_logprobs(ref, prompt, new, lm_infinite=lminf)
+        seq = prompt + new
+        full = torch.stack([ref.logprobs(seq[:S], lm_infinite=lminf)[-1, seq[S]] for S in range(40, 46)])
+        assert (inc - full).abs().max().item() < 1e-10

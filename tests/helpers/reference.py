@@ -347,3 +347,78 @@ class RefLlama:
             if nxt in stop_token_ids:
                 break
         return new
+
+
+# --------------------------------------------------------------------------
+# Step-by-step generation with a cache of raw keys (CLEX semantics)
+# --------------------------------------------------------------------------
+def _step_delta(q_pos: torch.Tensor, S: int, lm_infinite) -> torch.Tensor:
+    """[Tq, S] rotary distances for queries at q_pos over keys 0..S-1 (NaN = masked)."""
+    p = q_pos[:, None]
+    j = torch.arange(S)[None, :]
+    G, W, d = lm_infinite if lm_infinite is not None else (0, math.inf, 0.0)
+    local = (j <= p) & (j > p - W)
+    glob = (j < G) & (j <= p - W)
+    delta = torch.full((q_pos.numel(), S), math.nan, dtype=F64)
+    delta = torch.where(local, (p - j).to(F64), delta)
+    return torch.where(glob, torch.full_like(delta, float(d)), delta)
+
+
+def _step_logits(q: torch.Tensor, k: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """<R(delta[t, j]) q[h, t], k[h, j]>: q [H, Tq, D], k [H, S, D] -> [H, Tq, S]."""
+    half = inv_freq.numel()
+    r = 2 * half
+    ang = torch.nan_to_num(delta, nan=0.0)[:, :, None] * inv_freq  # [Tq, S, half]
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    qa, qb, qr = q[..., None, :half], q[..., None, half:r], q[..., r:]  # [H, Tq, 1, half]
+    ka, kb, kr = k[:, None, :, :half], k[:, None, :, half:r], k[..., r:]  # [H, 1, S, half]
+    out = ((qa * ka + qb * kb) * cos + (qa * kb - qb * ka) * sin).sum(-1)
+    if qr.shape[-1]:
+        out = out + qr @ kr.transpose(-1, -2)
+    return out.masked_fill(torch.isnan(delta)[None], -math.inf)
+
+
+def incremental_logprobs(
+    ref: "RefLlama",
+    prompt: Sequence[int],
+    new_tokens: Sequence[int],
+    *,
+    lm_infinite: tuple[int, int, float] | None = None,
+    inv_freq_for_len: Callable[[int], torch.Tensor] | None = None,
+    query_scale_for_len: Callable[[int], float] | None = None,
+) -> torch.Tensor:
+    """Log-probs of `new_tokens` generated after `prompt`, one step at a time, the way a
+    serving engine with a raw-key cache computes them: the prompt in one step, then one
+    token per step; each token's raw K/V is computed once, in its own step, and kept;
+    every step rotates all the keys it attends with that step's frequencies (its total
+    length S picks them) and scales its queries by that step's factor."""
+    H, KV, D = ref.n_heads, ref.n_kv, ref.head_dim
+    rep = H // KV
+    caches: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * ref.n_layers
+    steps = [list(prompt)] + [[t] for t in new_tokens[:-1]]
+    out = []
+    S = 0
+    for k_step, ids in enumerate(steps):
+        S += len(ids)
+        inv = torch.as_tensor(inv_freq_for_len(S), dtype=F64) if inv_freq_for_len else ref.config_inv_freq()
+        qs = float(query_scale_for_len(S)) if query_scale_for_len else 1.0
+        delta = _step_delta(torch.arange(S - len(ids), S), S, lm_infinite)
+        x = ref.w["model.embed_tokens.weight"][torch.as_tensor(ids)]
+        for i in range(ref.n_layers):
+            p = f"model.layers.{i}."
+            h = ref._rms(x, p + "input_layernorm.weight")
+            T = h.shape[0]
+            q = ref._lin(h, p + "self_attn.q_proj").view(T, H, D).transpose(0, 1) * qs
+            kn = ref._lin(h, p + "self_attn.k_proj").view(T, KV, D).transpose(0, 1)
+            vn = ref._lin(h, p + "self_attn.v_proj").view(T, KV, D).transpose(0, 1)
+            if caches[i] is not None:
+                kn, vn = torch.cat((caches[i][0], kn), 1), torch.cat((caches[i][1], vn), 1)
+            caches[i] = (kn, vn)
+            logits = _step_logits(q, kn.repeat_interleave(rep, 0), delta, inv) * D**-0.5
+            o = (torch.softmax(logits, -1) @ vn.repeat_interleave(rep, 0)).transpose(0, 1).reshape(T, H * D)
+            x = x + ref._lin(o, p + "self_attn.o_proj")
+            h = ref._rms(x, p + "post_attention_layernorm.weight")
+            x = x + ref._mlp(h, p + "mlp.")
+        last = ref._rms(x[-1:], "model.norm.weight") @ ref.lm_head.T
+        out.append(torch.log_softmax(last[0], -1)[new_tokens[k_step]].item())
+    return torch.tensor(out, dtype=F64)
