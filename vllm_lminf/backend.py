@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lminf_kernels.lambda_attention import lambda_paged_attention
+from lminf_kernels.lambda_attention import lambda_paged_attention, store_kv
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
 from vllm.v1.attention.backend import (
@@ -149,10 +149,12 @@ class LMInfAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling / compile warm-up: no cache, no work
             return output
         n = attn_metadata.num_actual_tokens
+        kwargs = {}
         if query.is_cuda:
             attend, qsl, lens = _triton_kernel(), attn_metadata.query_start_loc_dev, attn_metadata.seq_lens_dev
         else:
             attend, qsl, lens = lambda_paged_attention, attn_metadata.query_start_loc, attn_metadata.seq_lens
+            kwargs["prerotated"] = self._prerotate(query)
         attend(
             query[:n],
             kv_cache,
@@ -165,8 +167,15 @@ class LMInfAttentionImpl(AttentionImpl):
             scale=self.scale,
             query_scale=self.rotary.query_scale(attn_metadata),
             out=output[:n],
+            **kwargs,
         )
         return output
+
+    def _prerotate(self, x: torch.Tensor) -> bool:
+        """Store keys rotated within their block (decode then rotates only the query)
+        on the CPU path, when the frequencies never change; raw keys otherwise (CLEX
+        changes them per step; the Triton kernel reads raw keys)."""
+        return self.rotary.clex is None and not x.is_cuda
 
     def do_kv_cache_update(
         self,
@@ -176,18 +185,12 @@ class LMInfAttentionImpl(AttentionImpl):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """Store this step's keys as they are (before rotation) and values."""
-        n = min(slot_mapping.shape[0], key.shape[0])
-        slots = slot_mapping[:n].long()
-        valid = slots >= 0
-        if not bool(valid.all()):
-            slots, key, value = slots[valid], key[:n][valid], value[:n][valid]
+        """Store this step's keys (raw, or rotated within their block; never at their
+        absolute position) and values."""
+        if self._prerotate(key):
+            store_kv(kv_cache, slot_mapping, key, value, style=self.rotary.style, inv_freq=self.rotary.inv_freq)
         else:
-            key, value = key[:n], value[:n]
-        bs, d = kv_cache.shape[2], key.shape[-1]
-        blk, off = slots // bs, slots % bs
-        kv_cache[blk, :, off, :d] = key.to(kv_cache.dtype)
-        kv_cache[blk, :, off, d:] = value.to(kv_cache.dtype)
+            store_kv(kv_cache, slot_mapping, key, value)
 
 
 class LMInfAttentionBackend(CPUAttentionBackend):

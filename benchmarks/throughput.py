@@ -1,0 +1,202 @@
+"""Throughput across lengths: stock vLLM (full attention), vllm-lminf (Λ, bounded KV) and
+vLLM's own sliding window at the same window, on the same machine, in one run.
+
+For every (config, length, batch): time to first token of the batch (= prefill time),
+prefill tok/s, decode tok/s over the following steps, and the KV blocks the batch held at
+its peak. One engine per config (a subprocess); lengths and batches run inside it.
+
+    python benchmarks/throughput.py                 # SmolLM2-135M, 1K .. 32K, batch 1 and 4
+    python benchmarks/throughput.py --quick         # tiny random model, seconds (CI smoke)
+    python benchmarks/throughput.py --lengths 1024,8192,32768,65536 --batches 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vllm_lminf.isolated import run_engine
+
+MEASURE = r'''
+import time
+from vllm import SamplingParams, TokensPrompt
+from vllm_lminf import probe
+
+cfg = CFG
+mgr = probe.kv_manager(llm)
+single = mgr.coordinator.single_type_managers[0]
+page_bytes = single.kv_cache_spec.page_size_bytes * cfg["num_layers"]
+rows = []
+warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+llm.llm_engine.add_request("warm", TokensPrompt(prompt_token_ids=[7] * 64), warm)
+while llm.llm_engine.has_unfinished_requests():
+    llm.llm_engine.step()
+for n in cfg["lengths"]:
+    for b in cfg["batches"]:
+        if n > cfg["max_len_for"].get(str(b), 1 << 62):
+            continue
+        params = SamplingParams(max_tokens=cfg["decode_tokens"], temperature=0.0, ignore_eos=True)
+        for i in range(b):
+            ids = [(97 * (i + 1) + 31 * j) % 20000 + 100 for j in range(n)]
+            llm.llm_engine.add_request(f"q{n}-{b}-{i}", TokensPrompt(prompt_token_ids=ids), params)
+        t0 = time.perf_counter()
+        first, peak, produced = None, 0, 0
+        while llm.llm_engine.has_unfinished_requests():
+            outs = llm.llm_engine.step()
+            held = sum(sum(not blk.is_null for blk in blocks) for blocks in single.req_to_blocks.values())
+            peak = max(peak, held)
+            sched = probe._core(llm).scheduler
+            if first is None and all(r.num_output_tokens > 0 for r in sched.running) and not sched.waiting:
+                first = time.perf_counter()
+        t1 = time.perf_counter()
+        ttft = first - t0
+        rows.append({"length": n, "batch": b, "ttft_s": ttft, "prefill_tok_s": n * b / ttft,
+                     "decode_tok_s": b * (cfg["decode_tokens"] - 1) / (t1 - first),
+                     "peak_kv_blocks": peak, "peak_kv_bytes": peak * page_bytes})
+extra = rows
+'''
+
+
+def configs(window: int, n_global: int):
+    lminf = {"n_global": n_global, "n_local": window, "distance_limit": window}
+    return {
+        "stock": dict(plugin=False, overrides={}),
+        "lminf": dict(plugin=True, overrides={"lm_infinite": lminf}),
+        "stock_swa": dict(plugin=False, overrides={"sliding_window": window}),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model-dir", type=Path, default=Path("models/smollm2-135m"))
+    ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--window", type=int, default=None, help="n_local = distance_limit (default: trained length)")
+    ap.add_argument("--n-global", type=int, default=10)
+    ap.add_argument("--decode-tokens", type=int, default=33)
+    ap.add_argument("--configs", default="stock,lminf,stock_swa")
+    ap.add_argument("--stock-max-len", type=int, default=1 << 62,
+                    help="skip stock full attention above this length (quadratic prefill)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-gib", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
+    ap.add_argument("--out", type=Path, default=Path("runs/throughput"))
+    a = ap.parse_args(argv)
+
+    tmp = tempfile.TemporaryDirectory()
+    if a.quick:
+        from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+
+        model = make_tiny_llama(Path(tmp.name) / "m", max_position_embeddings=256, vocab_size=20200)
+        a.lengths, a.batches, a.window, a.decode_tokens, a.dtype, a.kv_gib, a.chunk = "256,1024", "1,2", 256, 5, "float32", 1, 512
+    else:
+        from vllm_lminf.tools import smollm2
+
+        smollm2.main(["--out", str(a.model_dir)])
+        model = a.model_dir
+    cfg_json = json.loads((Path(model) / "config.json").read_text())
+    trained = cfg_json["max_position_embeddings"]
+    window = a.window or trained
+    lengths = [int(x) for x in a.lengths.split(",")]
+    batches = [int(x) for x in a.batches.split(",")]
+    max_len = max(lengths) + a.decode_tokens + 8
+    a.out.mkdir(parents=True, exist_ok=True)
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib)}
+    results = {"machine": machine(), "model": str(model), "window": window, "n_global": a.n_global,
+               "dtype": a.dtype, "chunk": a.chunk, "decode_tokens": a.decode_tokens, "runs": {}}
+    wanted = a.configs.split(",")
+    for name in tqdm(wanted, desc="configs"):
+        c = configs(window, a.n_global)[name]
+        overrides = dict(c["overrides"])
+        if not c["plugin"] and max_len > trained:
+            overrides["max_position_embeddings"] = max_len  # let stock accept the long prompts
+        spec = {"lengths": [n for n in lengths if name != "stock" or n <= a.stock_max_len],
+                "batches": batches, "decode_tokens": a.decode_tokens,
+                "num_layers": cfg_json["num_hidden_layers"], "max_len_for": {}}
+        engine = dict(max_model_len=max_len, dtype=a.dtype, max_num_batched_tokens=a.chunk,
+                      max_num_seqs=max(batches), enable_prefix_caching=False, hf_overrides=overrides,
+                      skip_tokenizer_init=True, enforce_eager=False)
+        t = time.time()
+        out = run_engine(model, [], engine=engine, plugin=c["plugin"], env=env,
+                         script=MEASURE.replace("CFG", repr(spec)), timeout=6 * 3600)
+        results["runs"][name] = out["extra"]
+        tqdm.write(f"{name}: {time.time() - t:.0f}s")
+        (a.out / "throughput.json").write_text(json.dumps(results, indent=2))
+    report(results, a.out)
+    return 0
+
+
+def machine() -> dict:
+    flags = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = " ".join(f for f in line.split()[2:] if f.startswith(("avx512", "amx", "avx2")))
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cores": os.cpu_count(), "mem_gib": round(mem, 1), "cpu_flags": flags,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def report(results: dict, out: Path) -> None:
+    runs = results["runs"]
+    keys = sorted({(r["length"], r["batch"]) for rows in runs.values() for r in rows})
+    get = {name: {(r["length"], r["batch"]): r for r in rows} for name, rows in runs.items()}
+    head = f"{'len':>7} {'b':>2} | " + " | ".join(f"{n:>28}" for n in runs)
+    print(head + "\n" + " " * 11 + "| " + " | ".join(f"{'ttft s':>8} {'dec tok/s':>9} {'KV MiB':>9}" for _ in runs))
+    for k in keys:
+        cells = []
+        for n in runs:
+            r = get[n].get(k)
+            cells.append(f"{r['ttft_s']:>8.2f} {r['decode_tok_s']:>9.1f} {r['peak_kv_bytes'] / 2**20:>9.0f}"
+                         if r else f"{'-':>28}")
+        print(f"{k[0]:>7} {k[1]:>2} | " + " | ".join(cells))
+    ratios = {}
+    for k in keys:
+        s, lm, swa = (get.get(n, {}).get(k) for n in ("stock", "lminf", "stock_swa"))
+        if lm and s:
+            ratios.setdefault("decode_vs_stock", {})[f"{k[0]}x{k[1]}"] = lm["decode_tok_s"] / s["decode_tok_s"]
+            ratios.setdefault("ttft_stock_over_lminf", {})[f"{k[0]}x{k[1]}"] = s["ttft_s"] / lm["ttft_s"]
+        if lm and swa:
+            ratios.setdefault("decode_vs_swa", {})[f"{k[0]}x{k[1]}"] = lm["decode_tok_s"] / swa["decode_tok_s"]
+    results["ratios"] = ratios
+    (out / "throughput.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(ratios, indent=1))
+    plot(results, out / "throughput.png")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, rows in results["runs"].items():
+        for b in sorted({r["batch"] for r in rows}):
+            rs = sorted((r for r in rows if r["batch"] == b), key=lambda r: r["length"])
+            x = [r["length"] for r in rs]
+            style = dict(marker="o", label=f"{name} b={b}")
+            axes[0].plot(x, [r["ttft_s"] for r in rs], **style)
+            axes[1].plot(x, [r["decode_tok_s"] for r in rs], **style)
+            axes[2].plot(x, [r["peak_kv_bytes"] / 2**20 for r in rs], **style)
+    for ax, title in zip(axes, ["time to first token (s)", "decode tok/s", "peak KV (MiB)"]):
+        ax.set(xscale="log", xlabel="prompt length (tokens)", title=title)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{Path(results['model']).name}, window {results['window']}, {results['machine']['cores']} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""Each benchmark script runs end to end on a tiny model (`--quick`), so none can rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_lminf.isolated import TEST_ENV
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, out: Path, *extra: str) -> None:
+    import os
+
+    env = dict(os.environ, **TEST_ENV)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_kv_memory_quick(tmp_path):
+    run("kv_memory.py", tmp_path)
+    res = json.loads((tmp_path / "kv_memory.json").read_text())
+    rows = res["rows"]
+    assert [r["length"] for r in rows] == [512, 1024, 2048]
+    # the plugin's footprint is flat in length; stock grows with it
+    assert len({r["plugin_blocks"] for r in rows[1:]}) == 1
+    assert rows[-1]["stock_blocks"] > rows[-1]["plugin_blocks"]
+    assert (tmp_path / "kv_memory.png").stat().st_size > 0
+
+
+def test_throughput_quick(tmp_path):
+    run("throughput.py", tmp_path)
+    res = json.loads((tmp_path / "throughput.json").read_text())
+    assert set(res["runs"]) == {"stock", "lminf", "stock_swa"}
+    for rows in res["runs"].values():
+        assert len(rows) == 4 and all(r["decode_tok_s"] > 0 and r["ttft_s"] > 0 for r in rows)
+    assert (tmp_path / "throughput.png").stat().st_size > 0
