@@ -27,20 +27,22 @@ BLOCK = 128
 SMOL_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 2  # layers * kv heads * head * (K,V) * bf16
 
 
-def peak_blocks(model, length, overrides, plugin, chunk, pool=None, n_requests=1, max_len=None):
+def measure(model, plugin, overrides, lengths, chunk, pool, max_len, concurrency):
+    """One engine: peak blocks held by one sequence of each length, then how many
+    sequences of `concurrency[0]` tokens run at once (of `concurrency[1]` submitted)."""
     script = (
         "from vllm_lminf import probe\n"
-        f"extra = probe.track(llm, [[5] * {length - 8}] * {n_requests}, max_tokens=8, logprobs=False)\n"
+        f"rows = [probe.track(llm, [[5] * (n - 8)], max_tokens=8, logprobs=False) for n in {lengths!r}]\n"
+        f"conc = probe.track(llm, [[5] * ({concurrency[0]} - 8)] * {concurrency[1]}, max_tokens=8, logprobs=False)\n"
+        "extra = {'per_length': [r['peak_held']['r0'] for r in rows], 'bound': rows[0]['bound'],\n"
+        "         'max_running': conc['max_running']}\n"
     )
-    engine = dict(max_model_len=max_len or max(length + 64, 1024), block_size=BLOCK,
-                  max_num_batched_tokens=chunk, enable_prefix_caching=False)
+    engine = dict(max_model_len=max_len, block_size=BLOCK, max_num_batched_tokens=chunk,
+                  enable_prefix_caching=False, num_gpu_blocks_override=pool, max_num_seqs=256)
     if overrides:
         engine["hf_overrides"] = overrides
-    if pool:
-        engine["num_gpu_blocks_override"] = pool
-    out = run_engine(model, [], engine=engine, script=script, plugin=plugin,
-                     env={"VLLM_CPU_KVCACHE_SPACE": "4"})["extra"]
-    return out
+    return run_engine(model, [], engine=engine, script=script, plugin=plugin,
+                      env={"VLLM_CPU_KVCACHE_SPACE": "4"}, timeout=4 * 3600)["extra"]
 
 
 def main(argv=None) -> int:
@@ -62,37 +64,39 @@ def main(argv=None) -> int:
     overrides = {"lm_infinite": {"n_global": a.n_global, "n_local": a.n_local, "distance_limit": a.n_local}}
     budget_blocks = int(a.budget_gib * 2**30 // (SMOL_BYTES_PER_TOKEN * BLOCK))
 
-    rows = []
+    stock_lengths = [n for n in lengths if n <= a.stock_max_len]
+    check_len = 4 * a.n_local if not a.quick else 1024
+    n_req = 24 if not a.quick else 4
     with tempfile.TemporaryDirectory() as tmp:
         # trained length set past every length so stock vLLM accepts them all
         model = make_tiny_llama(Path(tmp) / "m", max_position_embeddings=max(lengths) + 64, seed=0)
-        for n in tqdm(lengths, desc="lengths"):
-            ours = peak_blocks(model, n, overrides, True, a.chunk, max_len=max(lengths) + 64)
-            if n <= a.stock_max_len:
-                stock = peak_blocks(model, n, None, False, a.chunk)
-                stock_blocks, stock_how = stock["peak_held"]["r0"], "measured"
-            else:
-                stock_blocks, stock_how = math.ceil(n / BLOCK), "computed"
-            ob = ours["peak_held"]["r0"]
-            rows.append({
-                "length": n,
-                "plugin_blocks": ob, "plugin_bound": ours["bound"],
-                "stock_blocks": stock_blocks, "stock": stock_how,
-                "plugin_bytes_smollm2": ob * BLOCK * SMOL_BYTES_PER_TOKEN,
-                "stock_bytes_smollm2": stock_blocks * BLOCK * SMOL_BYTES_PER_TOKEN,
-                "plugin_max_concurrency": budget_blocks // ob,
-                "stock_max_concurrency": budget_blocks // stock_blocks,
-            })
-        # one direct check of the concurrency figure: many long requests on the budget pool
-        check_len = 4 * a.n_local if not a.quick else 1024
-        n_req = min(rows[-1]["plugin_max_concurrency"], 12) if not a.quick else 3
-        conc = peak_blocks(model, check_len, overrides, True, a.chunk, pool=budget_blocks + 1,
-                           n_requests=n_req, max_len=max(lengths) + 64)
+        runs = {}
+        for name, plugin, ov, lens in tqdm([("plugin", True, overrides, lengths),
+                                             ("stock", False, None, stock_lengths)], desc="engines"):
+            runs[name] = measure(model, plugin, ov, lens, a.chunk, budget_blocks + 1, max(lengths) + 64,
+                                 (min(check_len, max(lens)), n_req))
+    rows = []
+    for i, n in enumerate(lengths):
+        ob = runs["plugin"]["per_length"][i]
+        if i < len(stock_lengths):
+            stock_blocks, stock_how = runs["stock"]["per_length"][i], "measured"
+        else:
+            stock_blocks, stock_how = math.ceil(n / BLOCK), "computed"
+        rows.append({
+            "length": n,
+            "plugin_blocks": ob, "plugin_bound": runs["plugin"]["bound"],
+            "stock_blocks": stock_blocks, "stock": stock_how,
+            "plugin_bytes_smollm2": ob * BLOCK * SMOL_BYTES_PER_TOKEN,
+            "stock_bytes_smollm2": stock_blocks * BLOCK * SMOL_BYTES_PER_TOKEN,
+            "plugin_max_concurrency": budget_blocks // ob,
+            "stock_max_concurrency": budget_blocks // stock_blocks,
+        })
+    conc = {"plugin": runs["plugin"]["max_running"], "stock": runs["stock"]["max_running"]}
     result = {
         "block_size": BLOCK, "n_local": a.n_local, "n_global": a.n_global, "chunk": a.chunk,
         "budget_gib": a.budget_gib, "budget_blocks": budget_blocks, "rows": rows,
-        "concurrency_check": {"length": check_len, "requests": n_req, "max_running": conc["max_running"],
-                              "peak_held_per_request": conc["peak_held"]},
+        "concurrency_check": {"plugin_length": check_len, "stock_length": min(check_len, max(stock_lengths)),
+                              "requests": n_req, "max_running": conc},
     }
     (a.out / "kv_memory.json").write_text(json.dumps(result, indent=2))
     print(f"{'length':>8} {'stock MiB':>10} {'plugin MiB':>11} {'ratio':>6} {'stock conc':>10} {'plugin conc':>11}")
@@ -100,8 +104,9 @@ def main(argv=None) -> int:
         print(f"{r['length']:>8} {r['stock_bytes_smollm2'] / 2**20:>10.0f}{'*' if r['stock'] == 'computed' else ' '}"
               f"{r['plugin_bytes_smollm2'] / 2**20:>10.0f} {r['stock_blocks'] / r['plugin_blocks']:>6.1f}"
               f" {r['stock_max_concurrency']:>10} {r['plugin_max_concurrency']:>11}")
-    print(f"(* computed: cdiv(len, {BLOCK}) blocks)  concurrency check: {n_req} requests of {check_len} tokens "
-          f"on a {budget_blocks}-block pool ran {conc['max_running']} at once")
+    print(f"(* computed: cdiv(len, {BLOCK}) blocks)  concurrency check on the {budget_blocks}-block pool, "
+          f"{n_req} requests submitted: plugin ran {conc['plugin']} at once ({check_len} tokens each), "
+          f"stock {conc['stock']} ({min(check_len, max(stock_lengths))} tokens each)")
     plot(result, a.out / "kv_memory.png")
     print(f"wrote {a.out / 'kv_memory.json'} and {a.out / 'kv_memory.png'}")
     return 0

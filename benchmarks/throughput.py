@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                 "num_layers": cfg_json["num_hidden_layers"], "max_len_for": {}}
         engine = dict(max_model_len=max_len, dtype=a.dtype, max_num_batched_tokens=a.chunk,
                       max_num_seqs=max(batches), enable_prefix_caching=False, hf_overrides=overrides,
-                      skip_tokenizer_init=True, enforce_eager=False)
+                      skip_tokenizer_init=True, enforce_eager=a.quick)  # compiled for real runs
         t = time.time()
         out = run_engine(model, [], engine=engine, plugin=c["plugin"], env=env,
                          script=MEASURE.replace("CFG", repr(spec)), timeout=6 * 3600)

@@ -42,3 +42,16 @@ def test_throughput_quick(tmp_path):
     for rows in res["runs"].values():
         assert len(rows) == 4 and all(r["decode_tok_s"] > 0 and r["ttft_s"] > 0 for r in rows)
     assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def test_quality_quick(tmp_path):
+    run("quality.py", tmp_path)
+    res = json.loads((tmp_path / "quality.json").read_text())
+    assert set(res["settings"]) == {"stock", "G4_W64"}
+    for s in res["settings"].values():
+        assert len(s["ppl_buckets"]) == 4 and all(v > 1 for v in s["ppl_buckets"].values())
+        assert set(s["passkey"]) == {"256", "512"}
+    # past the trained length (128) the plugin is not the stock model
+    st, lm = res["settings"]["stock"]["ppl_buckets"], res["settings"]["G4_W64"]["ppl_buckets"]
+    assert st["384-512"] != pytest.approx(lm["384-512"], rel=1e-3)
+    assert (tmp_path / "quality.png").stat().st_size > 0

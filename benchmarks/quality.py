@@ -1,0 +1,210 @@
+"""Long-context quality on a real model (SmolLM2-135M, trained length 8K): stock vLLM vs
+the plugin at several settings, in one run.
+
+1. Perplexity by position: documents of --ppl-len tokens cut from plain-text files
+   (default ../shared/data/austen/, else the bundled Pride and Prejudice opening),
+   NLL per position averaged over documents, reported per bucket and as a curve.
+2. Passkey retrieval (LM-Infinite protocol): a key hidden at a random depth in filler,
+   greedy answer, the first integer scored; reported per length and by where the key
+   sat relative to the Λ pattern (global span / evicted middle / local window).
+
+    python benchmarks/quality.py [--quick] [--ppl-len 16384] [--docs 3]
+        [--passkey-lengths 4096,8192,16384] [--passkey-samples 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vllm_lminf.isolated import run_engine
+
+PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                  "I will quiz you about the important information there.")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+
+def settings(trained: int, quick: bool):
+    """name -> (plugin?, hf_overrides)."""
+    if quick:
+        return {"stock": (False, {}), "G4_W64": (True, {"lm_infinite": {"n_global": 4, "n_local": 64}})}
+    out = {"stock": (False, {})}
+    for g in (0, 4, 10, 100):
+        out[f"G{g}_W{trained // 1024}K"] = (True, {"lm_infinite": {"n_global": g}})
+    for w in (2048, 4096):
+        out[f"G10_W{w // 1024}K"] = (True, {"lm_infinite": {"n_global": 10, "n_local": w, "distance_limit": w}})
+    return out
+
+
+def load_texts(data_dir: Path | None) -> list[str]:
+    if data_dir and data_dir.is_dir():
+        files = sorted(data_dir.glob("*.txt"))
+        if files:
+            return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    bundled = Path(__file__).resolve().parents[1] / "vllm_lminf" / "data" / "pride_and_prejudice_opening.txt.gz"
+    return [gzip.open(bundled, "rt", encoding="utf-8").read()]
+
+
+def make_documents(tok, texts, length, count):
+    docs = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        for s in range(0, len(ids) - length + 1, length):
+            docs.append(ids[s : s + length])
+            if len(docs) == count:
+                return docs
+    if not docs:
+        raise SystemExit(f"no text long enough for {length}-token documents")
+    return docs
+
+
+def make_passkey(tok, length, rng):
+    """(token ids, key, key_token_position) with the prompt exactly `length` tokens."""
+    key = rng.randrange(10000, 99999)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    head, fill, needle, tail = enc(PASSKEY_PREFIX), enc(FILLER), enc(NEEDLE.format(key=key)), enc(QUESTION)
+    n_fill = length - len(head) - len(needle) - len(tail)
+    filler = (fill * (n_fill // len(fill) + 1))[:n_fill]
+    depth = rng.randrange(0, n_fill + 1)
+    ids = head + filler[:depth] + needle + filler[depth:] + tail
+    return ids, key, len(head) + depth
+
+
+def where(pos, length, lminf):
+    if lminf is None:
+        return "all"
+    g, w = lminf.get("n_global", 10), lminf.get("n_local")
+    if pos < g:
+        return "global"
+    return "window" if w is None or length - pos <= w else "middle"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model-dir", type=Path, default=Path("models/smollm2-135m"))
+    ap.add_argument("--data-dir", type=Path, default=Path("../shared/data/austen"))
+    ap.add_argument("--ppl-len", type=int, default=16384)
+    ap.add_argument("--docs", type=int, default=3)
+    ap.add_argument("--bucket", type=int, default=2048)
+    ap.add_argument("--passkey-lengths", default="4096,8192,16384")
+    ap.add_argument("--passkey-samples", type=int, default=20)
+    ap.add_argument("--settings", default=None, help="comma list of setting names (default: all)")
+    ap.add_argument("--kv-gib", type=int, default=6)
+    ap.add_argument("--out", type=Path, default=Path("runs/quality"))
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    tmp = tempfile.TemporaryDirectory()
+    if a.quick:
+        from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+
+        model = make_tiny_llama(Path(tmp.name) / "m", max_position_embeddings=128)
+        a.ppl_len, a.docs, a.bucket, a.passkey_lengths, a.passkey_samples = 512, 2, 128, "256,512", 2
+    else:
+        from vllm_lminf.tools import smollm2
+
+        smollm2.main(["--out", str(a.model_dir)])
+        model = a.model_dir
+    tok = AutoTokenizer.from_pretrained(model)
+    trained = json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"]
+    docs = make_documents(tok, load_texts(None if a.quick else a.data_dir), a.ppl_len, a.docs)
+    rng = random.Random(a.seed)
+    p_lengths = [int(x) for x in a.passkey_lengths.split(",")]
+    passkeys = [(n, *make_passkey(tok, n, rng)) for n in p_lengths for _ in range(a.passkey_samples)]
+    all_settings = settings(trained, a.quick)
+    chosen = a.settings.split(",") if a.settings else list(all_settings)
+    max_len = max([a.ppl_len] + p_lengths) + 16
+    a.out.mkdir(parents=True, exist_ok=True)
+    result = {"model": str(model), "trained_length": trained, "ppl_len": a.ppl_len, "docs": len(docs),
+              "bucket": a.bucket, "settings": {}}
+    for name in tqdm(chosen, desc="settings"):
+        plugin, overrides = all_settings[name]
+        overrides = dict(overrides)
+        if not plugin and max_len > trained:
+            overrides["max_position_embeddings"] = max_len
+        engine = dict(max_model_len=max_len, dtype="bfloat16" if not a.quick else "float32",
+                      hf_overrides=overrides, max_num_batched_tokens=2048, enable_prefix_caching=False)
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib)}
+        # one engine per setting: the documents (prompt logprobs), then the passkeys
+        script = ("from vllm import SamplingParams, TokensPrompt\n"
+                  f"pk = llm.generate([TokensPrompt(prompt_token_ids=p) for p in {[p[1] for p in passkeys]!r}],"
+                  " SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)\n"
+                  "extra = [list(o.outputs[0].token_ids) for o in pk]\n")
+        out = run_engine(model, docs, engine=engine, plugin=plugin, env=env, timeout=6 * 3600,
+                         sampling=dict(max_tokens=1, prompt_logprobs=0), script=script)
+        ppl_out, pk_tokens = out["results"], out["extra"]
+        nll = torch.tensor([[-x for x in o["prompt_logprobs"][1:]] for o in ppl_out]).mean(0)  # position 1..N-1
+        buckets = {}
+        for s in range(0, a.ppl_len, a.bucket):
+            seg = nll[max(0, s - 1) : s + a.bucket - 1]
+            buckets[f"{s}-{s + a.bucket}"] = float(torch.exp(seg.mean()))
+        lminf = overrides.get("lm_infinite")
+        if lminf is not None:
+            lminf = dict(lminf)
+            lminf.setdefault("n_local", trained)
+        per_len, per_where = {}, {}
+        for (n, _ids, key, pos), toks in zip(passkeys, pk_tokens):
+            text = tok.decode(toks)
+            m = re.search(r"\d+", text)
+            ok = bool(m) and int(m.group()) == key
+            per_len.setdefault(str(n), []).append(ok)
+            per_where.setdefault(f"{n}:{where(pos, n, lminf)}", []).append(ok)
+        result["settings"][name] = {
+            "overrides": overrides, "ppl_buckets": buckets, "nll_curve": nll.tolist()[:: max(1, a.ppl_len // 512)],
+            "passkey": {k: sum(v) / len(v) for k, v in per_len.items()},
+            "passkey_by_position": {k: [sum(v), len(v)] for k, v in per_where.items()},
+        }
+        (a.out / "quality.json").write_text(json.dumps(result, indent=1))
+        tqdm.write(f"{name}: ppl {json.dumps({k: round(v, 1) for k, v in buckets.items()})} "
+                   f"passkey {result['settings'][name]['passkey']}")
+    report(result, a.out)
+    return 0
+
+
+def report(result, out):
+    names = list(result["settings"])
+    buckets = list(result["settings"][names[0]]["ppl_buckets"])
+    print(f"{'bucket':>13} " + " ".join(f"{n:>11}" for n in names))
+    for b in buckets:
+        print(f"{b:>13} " + " ".join(f"{result['settings'][n]['ppl_buckets'][b]:>11.1f}" for n in names))
+    lens = list(result["settings"][names[0]]["passkey"])
+    for n_ in lens:
+        print(f"passkey {n_:>5} " + " ".join(f"{result['settings'][n]['passkey'].get(n_, float('nan')):>11.2f}"
+                                           for n in names))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    for n in names:
+        s = result["settings"][n]
+        ys = list(s["ppl_buckets"].values())
+        xs = [int(b.split("-")[0]) for b in s["ppl_buckets"]]
+        ax1.plot(xs, ys, "o-", label=n)
+        pk = s["passkey"]
+        ax2.plot([int(k) for k in pk], list(pk.values()), "s-", label=n)
+    ax1.axvline(result["trained_length"], color="gray", ls=":")
+    ax1.set(yscale="log", xlabel="position (bucket start)", ylabel="perplexity", title="perplexity by position")
+    ax2.set(xscale="log", xlabel="prompt length", ylabel="passkey accuracy", title="passkey retrieval", ylim=(-0.05, 1.05))
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
