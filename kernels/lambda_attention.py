@@ -72,6 +72,8 @@ def _decode_blocks(q_heads, kv_cache, row, lo, p, freq, style, scale):
     tok = (b0 + torch.arange(nb))[:, None] * bs + torch.arange(bs)[None, :]
     outside = (tok < lo) | (tok > p)
     scores.masked_fill_(outside[:, None, None, :], float("-inf"))
+    # slots outside [lo, p] may hold anything (unwritten, stale): 0 * NaN would leak
+    blocks[..., dh:].masked_fill_(outside[:, None, :, None], 0.0)
     flat = scores.permute(1, 2, 0, 3).reshape(hkv, group, nb * bs)
     lse = torch.logsumexp(flat, dim=-1)
     probs = torch.exp(flat - lse[..., None]).view(hkv, group, nb, bs).permute(2, 0, 1, 3)

@@ -134,6 +134,10 @@ def poison_unread_blocks(cache, table, seq_lens, q_lens, pattern):
             first, last = blk * bs, min(s, (blk + 1) * bs) - 1
             if last < needed_lo and first >= g_hi:
                 cache[table[i, blk]] = float("nan")
+        # slots past the sequence's end in its last block are unwritten: poison them too
+        tail = s % bs
+        if tail:
+            cache[table[i, (s - 1) // bs], :, tail:] = float("nan")
     return cache
 
 

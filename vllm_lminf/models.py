@@ -10,13 +10,17 @@ import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from lminf_kernels.pattern import LambdaPattern
 
 from . import attention, kv_policy
 from .clex_runtime import build_clex, plain_rope_during_init
 from .config import parse_lm_infinite
+from .gpt_neox import GPTNeoXForCausalLM
+from .phi import PhiForCausalLM
 
 
 class LMInfModelMixin:
@@ -52,3 +56,31 @@ class LMInfMistralForCausalLM(LMInfModelMixin, MistralForCausalLM):
 
 class LMInfQwen2ForCausalLM(LMInfModelMixin, Qwen2ForCausalLM):
     pass
+
+
+class LMInfQwen3ForCausalLM(LMInfModelMixin, Qwen3ForCausalLM):
+    pass
+
+
+class LMInfMixtralForCausalLM(LMInfModelMixin, MixtralForCausalLM):
+    pass
+
+
+class LMInfPhiForCausalLM(LMInfModelMixin, PhiForCausalLM):
+    """vLLM has no native Phi (only its Transformers backend): ours is in phi.py."""
+
+
+class LMInfGPTNeoXForCausalLM(LMInfModelMixin, GPTNeoXForCausalLM):
+    """vLLM has no native GPT-NeoX (only its Transformers backend): ours is in gpt_neox.py.
+
+    No CLEX GPT-NeoX checkpoint has been released; one following this
+    architecture's own prefix would name the CLEX tensors `gpt_neox.clex_layer.*`,
+    so that spelling is accepted as well as `model.clex_layer.*`."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        prefix = "gpt_neox.clex_layer."
+        renamed = (
+            ("model.clex_layer." + name[len(prefix):] if name.startswith(prefix) else name, tensor)
+            for name, tensor in weights
+        )
+        return super().load_weights(renamed)

@@ -12,6 +12,10 @@ OVERRIDES = {
     "LlamaForCausalLM": "LMInfLlamaForCausalLM",
     "MistralForCausalLM": "LMInfMistralForCausalLM",
     "Qwen2ForCausalLM": "LMInfQwen2ForCausalLM",
+    "Qwen3ForCausalLM": "LMInfQwen3ForCausalLM",
+    "MixtralForCausalLM": "LMInfMixtralForCausalLM",
+    "PhiForCausalLM": "LMInfPhiForCausalLM",
+    "GPTNeoXForCausalLM": "LMInfGPTNeoXForCausalLM",
 }
 
 
