@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CI smoke: a few short prompts, 2 replicas only")
     ap.add_argument("--model", default="tiny", help="'tiny' (generated) or a checkpoint directory")
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--num-prompts", type=int, default=48)
+    ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--min-len", type=int, default=768)
     ap.add_argument("--max-len", type=int, default=1536)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
             runs.append(res)
             print(f"  {r} replica(s): {res['wall_s']:.1f} s end to end, {res['prompts_per_s']} prompts/s "
                   f"while generating", flush=True)
-        outputs = {r: sorted(Path(tmp, f"out_r{r}.jsonl").read_text().splitlines()) for r in a.replicas}
+        outputs = {r: sorted(Path(tmp, f"out_r{r}.jsonl").read_text().split("\n")[:-1]) for r in a.replicas}
 
     # The same greedy tokens whatever the replica count.
     def tokens(lines):
