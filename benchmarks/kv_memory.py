@@ -29,11 +29,15 @@ SMOL_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 2  # layers * kv heads * head * (K,V) *
 
 def measure(model, plugin, overrides, lengths, chunk, pool, max_len, concurrency):
     """One engine: peak blocks held by one sequence of each length, then how many
-    sequences of `concurrency[0]` tokens run at once (of `concurrency[1]` submitted)."""
+    sequences of `concurrency[0]` tokens run at once (`concurrency[1]` submitted, each
+    decoding `concurrency[2]` tokens)."""
     script = (
         "from vllm_lminf import probe\n"
         f"rows = [probe.track(llm, [[5] * (n - 8)], max_tokens=8, logprobs=False) for n in {lengths!r}]\n"
-        f"conc = probe.track(llm, [[5] * ({concurrency[0]} - 8)] * {concurrency[1]}, max_tokens=8, logprobs=False)\n"
+        # long decodes keep finished prefills resident, so memory (not the per-step token
+        # budget) is what limits how many run at once
+        f"conc = probe.track(llm, [[5] * ({concurrency[0]} - 8)] * {concurrency[1]}, max_tokens={concurrency[2]},"
+        " logprobs=False)\n"
         "extra = {'per_length': [r['peak_held']['r0'] for r in rows], 'bound': rows[0]['bound'],\n"
         "         'max_running': conc['max_running']}\n"
     )
@@ -65,8 +69,9 @@ def main(argv=None) -> int:
     budget_blocks = int(a.budget_gib * 2**30 // (SMOL_BYTES_PER_TOKEN * BLOCK))
 
     stock_lengths = [n for n in lengths if n <= a.stock_max_len]
-    check_len = 4 * a.n_local if not a.quick else 1024
+    check_len = 2 * a.n_local if not a.quick else 1024
     n_req = 24 if not a.quick else 4
+    decode = 320 if not a.quick else 8
     with tempfile.TemporaryDirectory() as tmp:
         # trained length set past every length so stock vLLM accepts them all
         model = make_tiny_llama(Path(tmp) / "m", max_position_embeddings=max(lengths) + 64, seed=0)
@@ -74,7 +79,7 @@ def main(argv=None) -> int:
         for name, plugin, ov, lens in tqdm([("plugin", True, overrides, lengths),
                                              ("stock", False, None, stock_lengths)], desc="engines"):
             runs[name] = measure(model, plugin, ov, lens, a.chunk, budget_blocks + 1, max(lengths) + 64,
-                                 (min(check_len, max(lens)), n_req))
+                                 (min(check_len, max(lens)), n_req, decode))
     rows = []
     for i, n in enumerate(lengths):
         ob = runs["plugin"]["per_length"][i]

@@ -108,7 +108,10 @@ def main(argv=None) -> int:
     batches = [int(x) for x in a.batches.split(",")]
     max_len = max(lengths) + a.decode_tokens + 8
     a.out.mkdir(parents=True, exist_ok=True)
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib)}
+    cores = os.cpu_count() or 1
+    # every core for the engine (the test defaults pin one thread), both configs alike
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib), "OMP_NUM_THREADS": str(cores),
+           "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}
     results = {"machine": machine(), "model": str(model), "window": window, "n_global": a.n_global,
                "dtype": a.dtype, "chunk": a.chunk, "decode_tokens": a.decode_tokens, "runs": {}}
     wanted = a.configs.split(",")
