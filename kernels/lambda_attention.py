@@ -170,7 +170,7 @@ def lambda_paged_attention(
         gcos, gsin = cos_sin(torch.tensor(pattern.distance_limit), freq)
         bs = kv_cache.shape[2]
         span = None
-        if b - a > 1:
+        if not (prerotated and b - a == 1):
             # Keys of every tile of this sequence, gathered and rotated once, at
             # positions relative to the first tile's window start (angles < W + chunk).
             span_lo = pattern.local_start(first_pos)
@@ -193,15 +193,10 @@ def lambda_paged_attention(
             q_heads = q.view(tq, hkv, group, dh).permute(1, 2, 0, 3)
 
             lo = pattern.local_start(pa)
-            if prerotated and tq == 1 and span is None:
+            if span is None:  # one query over pre-rotated keys: rotate the query per block
                 res, lse = _decode_blocks(q_heads, kv_cache, row, lo, pa, freq, style, scale)
                 res, lse = res.reshape(hkv, group, dh), lse.reshape(hkv, group)
             else:
-                if span is None:  # a single raw-key query: rotate its own window
-                    span_lo = lo
-                    k_span, v_span = gather_span(kv_cache, row, lo, pb + 1)
-                    kc, ks = cos_sin_table(freq, pb + 1 - lo)
-                    span = (lo, rotate(k_span, kc, ks, style), v_span.to(torch.float32), kc, ks)
                 span_lo, k_span, v_span, kc, ks = span
                 n_keys = pb + 1 - lo
                 k_rot = k_span[:, lo - span_lo : pb + 1 - span_lo]

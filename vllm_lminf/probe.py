@@ -63,8 +63,8 @@ def track(llm, prompts, *, max_tokens, abort=None, poison=False, logprobs=True):
         steps += 1
         max_running = max(max_running, len(sched.running))
         for rid, req in list(sched.requests.items()):
-            ext = getattr(req, "external_req_id", None) or rid.split("-")[0]
-            key = next((n for n in names if ext == n or rid.startswith(n + "-") or rid == n), None)
+            # vLLM may suffix the id we gave ("r0" -> "r0-<random>")
+            key = next((n for n in names if rid == n or rid.startswith(n + "-")), None)
             if key is None:
                 continue
             held = sum(not b.is_null for b in single.req_to_blocks.get(rid, []))
