@@ -1,8 +1,11 @@
-"""CPU time of one layer's Λ attention (torch path) at SmolLM2 shapes (9 q / 3 kv heads,
-head 64, block 128, W = 8192, G = 10): a 2048-query prefill chunk at position 8K and one
-decode query at 8K and 32K, with raw vs block-relative pre-rotated keys.
+"""Wall time of one layer's attention at SmolLM2 shapes (9 q / 3 kv heads, head 64,
+block 128, bf16 cache, W = 8192, G = 10): the plugin's paths against vLLM's own CPU
+kernel (full causal and its sliding window of the same W) on the same cache.
 
-    python benchmarks/cpu_attention_micro.py [--threads 1]
+    python benchmarks/cpu_attention_micro.py [--threads 2]
+
+Rows: one decode query at 8K / 32K / 64K; a 2048-query chunk at position 8K..10K (the
+torch prefill path; vLLM's full causal kernel on the same chunk for scale).
 """
 
 from __future__ import annotations
@@ -12,37 +15,73 @@ import time
 
 import torch
 
+from lminf_kernels.cpu_lambda import DecodePlan, lambda_attention_absolute
 from lminf_kernels.lambda_attention import lambda_paged_attention
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
 
 
-def cpu_ms(fn, repeat: int = 3) -> float:
-    fn()  # warm-up (fills the cos/sin table cache)
-    t = time.process_time()  # CPU time: robust to other jobs on a shared machine
+def wall_ms(fn, repeat: int) -> float:
+    fn()
+    t = time.perf_counter()
     for _ in range(repeat):
         fn()
-    return (time.process_time() - t) / repeat * 1e3
+    return (time.perf_counter() - t) / repeat * 1e3
+
+
+def vllm_kernel(query, cache, table, seq_len, n_q, window, scale):
+    from vllm import _custom_ops as ops
+
+    nb, hkv, bs, _ = cache.shape
+    kc, vc = cache.view(nb, hkv, 2 * bs, -1).chunk(2, dim=2)
+    qsl, lens = torch.tensor([0, n_q], dtype=torch.int32), torch.tensor([seq_len], dtype=torch.int32)
+    sched = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=query.shape[1], num_kv_heads=hkv, head_dim=query.shape[2], seq_lens=lens,
+        dtype=query.dtype, query_start_loc=qsl, causal=True, sliding_window_size=window, isa="vec",
+        enable_kv_split=True)
+    out = torch.empty_like(query)
+    return lambda: ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl, seq_lens=lens, scale=scale,
+        causal=True, alibi_slopes=None, sliding_window=window, block_table=table, softcap=0.0,
+        scheduler_metadata=sched, s_aux=None)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    hq, hkv, dh, bs = 9, 3, 64, 128
+    hq, hkv, dh, bs, w = 9, 3, 64, 128, 8192
+    lengths, chunk, repeat = [8192, 32768, 65536], 2048, 20
+    if a.quick:
+        lengths, chunk, repeat, w = [512, 1024], 64, 2, 256
     inv = 1.0 / 1e5 ** (torch.arange(0, dh, 2).float() / dh)
-    style, pattern = RopeStyle(dh, True), LambdaPattern(10, 8192, 8192)
-    print(f"{'seq len':>8} {'queries':>8} {'keys':>11} {'ms/layer':>9}")
-    for seq_len, n_q, pre in [(8192, 2048, False), (8192, 2048, True), (8192, 1, False), (8192, 1, True),
-                              (32768, 1, True)]:
-        nb = seq_len // bs + 1
-        cache = torch.randn(nb + 1, hkv, bs, 2 * dh)
+    style, pattern, scale = RopeStyle(dh, True), LambdaPattern(10, w, w), dh**-0.5
+    rows = []
+    for seq_len, n_q in [(n, 1) for n in lengths] + [(w + chunk, chunk)]:
+        nb = -(-seq_len // bs)
+        cache = torch.randn(nb + 1, hkv, bs, 2 * dh).to(torch.bfloat16)
         table = torch.arange(1, nb + 1, dtype=torch.int32)[None]
-        query = torch.randn(n_q, hq, dh)
-        ms = cpu_ms(lambda: lambda_paged_attention(query, cache, table, [0, n_q], [seq_len], pattern=pattern,
-                                                   style=style, inv_freq=inv, scale=dh**-0.5, prerotated=pre))
-        print(f"{seq_len:>8} {n_q:>8} {'pre-rotated' if pre else 'raw':>11} {ms:>9.1f}")
+        query = torch.randn(n_q, hq, dh).to(torch.bfloat16)
+        out = torch.empty_like(query)
+        kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=scale, out=out)
+        r = 1 if n_q > 1 else repeat
+        timings = {}
+        if n_q == 1:
+            plan = DecodePlan.build([0], [seq_len], [0], pattern, inv)  # built once per step, shared by layers
+            timings["plugin (C++ decode)"] = wall_ms(
+                lambda: lambda_attention_absolute(query, cache, table, [0, 1], [seq_len], plan=plan, **kw), r)
+        else:
+            timings["plugin (torch prefill)"] = wall_ms(
+                lambda: lambda_attention_absolute(query, cache, table, [0, n_q], [seq_len], **kw), r)
+        timings["plugin raw keys (torch, CLEX path)"] = wall_ms(
+            lambda: lambda_paged_attention(query, cache, table, [0, n_q], [seq_len], **kw), max(1, r // 4))
+        timings["vLLM full causal"] = wall_ms(vllm_kernel(query, cache, table, seq_len, n_q, -1, scale), r)
+        timings[f"vLLM sliding window {w}"] = wall_ms(vllm_kernel(query, cache, table, seq_len, n_q, w, scale), r)
+        for name, ms in timings.items():
+            rows.append((seq_len, n_q, name, ms))
+            print(f"{seq_len:>7} tokens {n_q:>5} queries  {name:<36} {ms:8.3f} ms/layer", flush=True)
     return 0
 
 

@@ -20,16 +20,8 @@ from .rope import RopeStyle, cos_sin, cos_sin_table, rotate
 DEFAULT_QUERY_TILE = 256
 
 
-def store_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             *, style: RopeStyle | None = None, inv_freq: torch.Tensor | None = None) -> None:
-    """Write this step's K/V at `slot_mapping` (negative slots are padding).
-
-    With `style`/`inv_freq`, keys are stored pre-rotated *within their block*: token j
-    of a block that starts at position o is stored as R(j - o) k (angles below the
-    block size, exact). Attention then never rotates cached keys for decoding: it
-    rotates the query once per block instead (`prerotated=True` below). Without them
-    keys are stored raw (needed when frequencies change per step, as with CLEX).
-    """
+def store_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Write this step's raw K/V at `slot_mapping` (negative slots are padding)."""
     n = min(slot_mapping.shape[0], key.shape[0])
     slots = slot_mapping[:n].long()
     key, value = key[:n], value[:n]
@@ -38,47 +30,8 @@ def store_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tens
         slots, key, value = slots[valid], key[valid], value[valid]
     bs, d = kv_cache.shape[2], key.shape[-1]
     blk, off = slots // bs, slots % bs
-    if style is not None:
-        c, sn = cos_sin_table(inv_freq.to(torch.float32), bs)
-        key = rotate(key, c[off][:, None], sn[off][:, None], style)
     kv_cache[blk, :, off, :d] = key.to(kv_cache.dtype)
     kv_cache[blk, :, off, d:] = value.to(kv_cache.dtype)
-
-
-def _block_offsets_cos_sin(freq: torch.Tensor, lo: int, hi: int, bs: int):
-    """cos/sin, per token of [lo, hi), of (start of the token's block - lo): rotating a
-    block-relative key by it gives the key at position (j - lo)."""
-    j = torch.arange(lo, hi)
-    return cos_sin((j - j % bs - lo).to(torch.float32), freq)
-
-
-def _decode_blocks(q_heads, kv_cache, row, lo, p, freq, style, scale):
-    """One query position p over pre-rotated keys [lo, p]: per block b (start o_b) the
-    logit is <R(p - o_b) q, stored key>, so only the query is rotated, once per block.
-    q_heads: [Hkv, G, 1, D]. Returns ([Hkv, G, D], lse [Hkv, G])."""
-    bs = kv_cache.shape[2]
-    hkv, group, _, dh = q_heads.shape
-    b0, b1 = lo // bs, p // bs + 1
-    blocks = kv_cache.index_select(0, row[b0:b1].long())  # [nb, Hkv, B, 2D], the only copy
-    nb = b1 - b0
-    if blocks.dtype != torch.float32:
-        blocks = blocks.to(torch.float32)
-    tc, ts = cos_sin_table(freq, p - b0 * bs + 1)
-    dist = p - (b0 + torch.arange(nb)) * bs  # p - o_b, in [0, n_local + B)
-    qc, qs = tc[dist][:, None, None, :], ts[dist][:, None, None, :]
-    q_b = rotate(q_heads[:, :, 0][None].expand(nb, -1, -1, -1), qc, qs, style)  # [nb, Hkv, G, D]
-    scores = torch.matmul(q_b, blocks[..., :dh].transpose(-1, -2)) * scale  # [nb, Hkv, G, B]
-    # first and last block may hold tokens outside [lo, p]
-    tok = (b0 + torch.arange(nb))[:, None] * bs + torch.arange(bs)[None, :]
-    outside = (tok < lo) | (tok > p)
-    scores.masked_fill_(outside[:, None, None, :], float("-inf"))
-    # slots outside [lo, p] may hold anything (unwritten, stale): 0 * NaN would leak
-    blocks[..., dh:].masked_fill_(outside[:, None, :, None], 0.0)
-    flat = scores.permute(1, 2, 0, 3).reshape(hkv, group, nb * bs)
-    lse = torch.logsumexp(flat, dim=-1)
-    probs = torch.exp(flat - lse[..., None]).view(hkv, group, nb, bs).permute(2, 0, 1, 3)
-    res = torch.matmul(probs, blocks[..., dh:]).sum(0)  # [Hkv, G, D]
-    return res, lse
 
 
 def gather_span(kv_cache: torch.Tensor, block_row: torch.Tensor, lo: int, hi: int):
@@ -139,7 +92,6 @@ def lambda_paged_attention(
     query_scale: list[float] | None = None,
     out: torch.Tensor | None = None,
     query_tile: int = DEFAULT_QUERY_TILE,
-    prerotated: bool = False,
 ) -> torch.Tensor:
     """Λ attention for a batch of sequences (prefill chunks and decodes mixed).
 
@@ -148,8 +100,7 @@ def lambda_paged_attention(
     its seq_lens[i] tokens. kv_cache: [num_blocks, Hkv, B, 2*D], raw K then V on the
     last dim, already holding this step's keys. block_table: [num_seqs, max_blocks].
     inv_freq: [R/2] shared, or [num_seqs, R/2] per sequence (CLEX). query_scale:
-    per-sequence query multiplier (CLEX log scale). prerotated: keys were written by
-    `store_kv` with the same frequencies (block-relative rotation). Computes in float32.
+    per-sequence query multiplier (CLEX log scale). Computes in float32.
     """
     num_tokens, hq, dh = query.shape
     hkv = kv_cache.shape[1]
@@ -168,20 +119,13 @@ def lambda_paged_attention(
         qmul = 1.0 if query_scale is None else query_scale[i]
         # Global branch: queries all rotated by the same distance.
         gcos, gsin = cos_sin(torch.tensor(pattern.distance_limit), freq)
-        bs = kv_cache.shape[2]
-        span = None
-        if not (prerotated and b - a == 1):
-            # Keys of every tile of this sequence, gathered and rotated once, at
-            # positions relative to the first tile's window start (angles < W + chunk).
-            span_lo = pattern.local_start(first_pos)
-            k_span, v_span = gather_span(kv_cache, row, span_lo, seq_len)
-            kc, ks = cos_sin_table(freq, seq_len - span_lo)
-            if prerotated:  # block-relative -> span-relative: one rotation per block
-                bc, bsn = _block_offsets_cos_sin(freq, span_lo, seq_len, bs)
-                k_span = rotate(k_span, bc, bsn, style)
-            else:
-                k_span = rotate(k_span, kc, ks, style)
-            span = (span_lo, k_span, v_span.to(torch.float32), kc, ks)
+        # Keys of every tile of this sequence, gathered and rotated once, at positions
+        # relative to the first tile's window start (angles < W + chunk).
+        span_lo = pattern.local_start(first_pos)
+        k_span, v_span = gather_span(kv_cache, row, span_lo, seq_len)
+        kc, ks = cos_sin_table(freq, seq_len - span_lo)
+        k_span = rotate(k_span, kc, ks, style)
+        v_span = v_span.to(torch.float32)
         for t0 in range(a, b, query_tile):
             t1 = min(b, t0 + query_tile)
             pa, pb = first_pos + (t0 - a), first_pos + (t1 - a) - 1
@@ -193,33 +137,24 @@ def lambda_paged_attention(
             q_heads = q.view(tq, hkv, group, dh).permute(1, 2, 0, 3)
 
             lo = pattern.local_start(pa)
-            if span is None:  # one query over pre-rotated keys: rotate the query per block
-                res, lse = _decode_blocks(q_heads, kv_cache, row, lo, pa, freq, style, scale)
-                res, lse = res.reshape(hkv, group, dh), lse.reshape(hkv, group)
-            else:
-                span_lo, k_span, v_span, kc, ks = span
-                n_keys = pb + 1 - lo
-                k_rot = k_span[:, lo - span_lo : pb + 1 - span_lo]
-                v_loc = v_span[:, lo - span_lo : pb + 1 - span_lo]
-                q_loc = rotate(q_heads, kc[pa - span_lo : pb + 1 - span_lo], ks[pa - span_lo : pb + 1 - span_lo],
-                               style).reshape(hkv, group * tq, dh)
-                mask = None
-                if tq > 1:
-                    # query at relative position r sees keys (r - W, r]; rows are (head, token)
-                    rel_q = torch.arange(pa - lo, pb - lo + 1)[:, None]
-                    rel_k = torch.arange(n_keys)[None, :]
-                    visible = (rel_k <= rel_q) & (rel_k > rel_q - pattern.n_local)
-                    mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(group, 1)
-                fn = attend if tq > 1 else _dense  # the fused kernel only pays off for many queries
-                res, lse = fn(q_loc, k_rot, v_loc, mask, scale)
+            n_keys = pb + 1 - lo
+            k_rot = k_span[:, lo - span_lo : pb + 1 - span_lo]
+            v_loc = v_span[:, lo - span_lo : pb + 1 - span_lo]
+            q_loc = rotate(q_heads, kc[pa - span_lo : pb + 1 - span_lo], ks[pa - span_lo : pb + 1 - span_lo],
+                           style).reshape(hkv, group * tq, dh)
+            mask = None
+            if tq > 1:
+                # query at relative position r sees keys (r - W, r]; rows are (head, token)
+                rel_q = torch.arange(pa - lo, pb - lo + 1)[:, None]
+                rel_k = torch.arange(n_keys)[None, :]
+                visible = (rel_k <= rel_q) & (rel_k > rel_q - pattern.n_local)
+                mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(group, 1)
+            fn = attend if tq > 1 else _dense  # the fused kernel only pays off for many queries
+            res, lse = fn(q_loc, k_rot, v_loc, mask, scale)
 
             g_hi = pattern.global_end(pb)
             if g_hi > 0:
                 k_g, v_g = gather_span(kv_cache, row, 0, g_hi)
-                if prerotated:  # back to raw: global keys are seen at one distance
-                    j = torch.arange(g_hi)
-                    uc, us = cos_sin(-(j % bs).to(torch.float32), freq)
-                    k_g = rotate(k_g, uc, us, style)
                 q_g = rotate(q_heads, gcos, gsin, style).reshape(hkv, group * tq, dh)
                 # key j is global for query p iff j <= p - W
                 pos = torch.arange(pa, pb + 1)[:, None]

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from lminf_kernels.lambda_attention import lambda_paged_attention, store_kv
+from lminf_kernels.lambda_attention import lambda_paged_attention
 from lminf_kernels.naive import lambda_attention_dense, lambda_paged_attention_naive
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle, cos_sin, rotate
@@ -156,39 +156,9 @@ CASES = [
 ]
 
 
-def prerotate(cache: torch.Tensor, style: RopeStyle, inv: torch.Tensor) -> torch.Tensor:
-    """The same cache as `store_kv(..., style=, inv_freq=)` would have written."""
-    out = cache.clone()
-    bs, d = cache.shape[2], cache.shape[3] // 2
-    c, s = cos_sin(torch.arange(bs), inv)
-    out[..., :d] = rotate(cache[..., :d], c[:, None, :].transpose(0, 1), s[:, None, :].transpose(0, 1), style)
-    return out
-
-
-def test_store_kv_writes_raw_or_block_relative_keys():
-    torch.manual_seed(random.randrange(1 << 30))
-    bs, hkv, dh = 32, 2, 16
-    style, inv = RopeStyle(12, False), make_inv_freq(12)
-    cache = torch.zeros(6, hkv, bs, 2 * dh)
-    slots = torch.tensor([33, 34, 95, -1, 160])
-    k, v = torch.randn(5, hkv, dh), torch.randn(5, hkv, dh)
-    raw, rot = cache.clone(), cache.clone()
-    store_kv(raw, slots, k, v)
-    store_kv(rot, slots, k, v, style=style, inv_freq=inv)
-    for i, slot in enumerate(slots.tolist()):
-        if slot < 0:
-            continue
-        blk, off = divmod(slot, bs)
-        assert torch.equal(raw[blk, :, off, :dh], k[i]) and torch.equal(raw[blk, :, off, dh:], v[i])
-        c, s = cos_sin(torch.tensor(off), inv)
-        assert torch.allclose(rot[blk, :, off, :dh], rotate(k[i], c, s, style), atol=1e-6)
-    assert raw.abs().sum() > 0 and raw[0].abs().sum() == 0  # padding slot wrote nothing
-
-
-@pytest.mark.parametrize("prerotated", [False, True], ids=["raw", "prerotated"])
 @pytest.mark.parametrize("neox", [True, False])
 @pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
-def test_fast_matches_naive(case, neox, prerotated):
+def test_fast_matches_naive(case, neox):
     torch.manual_seed(random.randrange(1 << 30))
     seq_lens, q_lens, pattern, bs, tile = case
     hq, hkv, dh = 6, 2, 16
@@ -201,9 +171,8 @@ def test_fast_matches_naive(case, neox, prerotated):
     inv = make_inv_freq(style.rotary_dim)
     kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=dh**-0.5)
     want = lambda_paged_attention_naive(query, cache, table, qsl, seq_lens, **kw)
-    stored = prerotate(cache, style, inv) if prerotated else cache
-    poisoned = poison_unread_blocks(stored, table, seq_lens, q_lens, pattern)
-    got = lambda_paged_attention(query, poisoned, table, qsl, seq_lens, query_tile=tile, prerotated=prerotated, **kw)
+    poisoned = poison_unread_blocks(cache, table, seq_lens, q_lens, pattern)
+    got = lambda_paged_attention(query, poisoned, table, qsl, seq_lens, query_tile=tile, **kw)
     assert torch.isfinite(got).all()
     assert rel_err(got, want) < 1e-5
 
@@ -277,9 +246,6 @@ def test_positions_past_one_million_keep_precision():
     query = torch.randn(q_len, hq, dh)
     kw = dict(pattern=pattern, style=style, inv_freq=make_inv_freq(dh), scale=0.25)
     got_long = lambda_paged_attention(query, cache, table_long, [0, q_len], [long_len], **kw)
-    got_long_pr = lambda_paged_attention(query[-1:], prerotate(cache, style, kw["inv_freq"]), table_long,
-                                         [0, 1], [long_len], prerotated=True, **kw)
-    assert rel_err(got_long_pr, got_long[-1:]) < 1e-5
     got_short = lambda_paged_attention(query, short, table_short, [0, q_len], [short_len], **kw)
     want = lambda_paged_attention_naive(query, short, table_short, [0, q_len], [short_len], **kw)
     assert torch.isfinite(got_long).all()

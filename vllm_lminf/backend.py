@@ -1,8 +1,14 @@
-"""Attention backend glue: vLLM metadata in, Λ attention over raw keys out.
+"""Attention backend glue: vLLM metadata in, Λ attention out.
 
-The cache layout is CPU_ATTN's ([num_blocks, kv_heads, block_size, 2 * head_size],
-K then V on the last dim), inherited from CPUAttentionBackend; what differs is what
-is stored (keys before rotation) and how attention is computed (`lminf_kernels`).
+The cache tensor has CPU_ATTN's shape ([num_blocks, kv_heads, block_size, 2 * head_size]),
+inherited from CPUAttentionBackend. Two ways to fill and read it:
+  - absolute (the CPU fast path: plain RoPE or fixed scaling, x86, head size a multiple
+    of 32): vLLM's own CPU layout with keys rotated at their absolute position (float64
+    angles). Sequences that never leave the window are plain causal attention, so they
+    run on vLLM's own CPU kernel; decoding past the window runs our C++ kernel, longer
+    prefill chunks the torch path (`lminf_kernels.cpu_lambda`).
+  - raw (CLEX, whose frequencies change per step, CUDA/Triton, anything else): keys
+    stored unrotated, rotated at clamped distances when read (`lminf_kernels.lambda_attention`).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lminf_kernels.cpu_lambda import DecodePlan, absolute_cos_sin, lambda_attention_absolute
 from lminf_kernels.lambda_attention import lambda_paged_attention, store_kv
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
@@ -21,7 +28,11 @@ from vllm.v1.attention.backend import (
     AttentionType,
     CommonAttentionMetadata,
 )
+from vllm.platforms import CpuArchEnum, current_platform
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+# vLLM CPU attention ISA whose cache layout cpu_lambda reads (keys dim-major per block).
+CPU_ISA = "vec"
 
 BACKEND_NAME = "LMINF_ATTN"
 
@@ -85,6 +96,52 @@ class RotarySource:
         return None if self.clex is None else self.clex.query_scale(metadata)
 
 
+@dataclass
+class AbsoluteStep:
+    """What every layer of one step shares on the absolute path."""
+
+    cos: torch.Tensor  # [T, 1, R/2] rotation of this step's tokens at their positions
+    sin: torch.Tensor
+    inside: list[int]  # sequences that never leave the window: vLLM's kernel
+    beyond: list[int]  # the others: ours
+    vllm_batch: tuple | None  # (token index or None, query_start_loc, seq_lens, block_table, scheduler metadata)
+    decode_plan: DecodePlan | None
+
+    @classmethod
+    def build(cls, md: LMInfMetadata, impl: "LMInfAttentionImpl", inv_freq: torch.Tensor, dtype) -> "AbsoluteStep":
+        from vllm import _custom_ops as ops
+        from vllm import envs
+
+        qsl, lens, w = md.query_start_loc, md.seq_lens, impl.pattern.n_local
+        positions = torch.cat([torch.arange(s - (qsl[i + 1] - qsl[i]), s) for i, s in enumerate(lens)])
+        cos, sin = absolute_cos_sin(positions, inv_freq)
+        # A sequence no longer than the window has no global branch and a window that
+        # covers everything: plain causal attention.
+        inside = [i for i, s in enumerate(lens) if s <= w]
+        beyond = [i for i, s in enumerate(lens) if s > w]
+        vllm_batch = None
+        if inside:
+            if not beyond:
+                tokens, sub_qsl, sub_lens, table = None, md.query_start_loc_dev, md.seq_lens_dev, md.block_table
+            else:
+                tokens = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in inside])
+                sub_qsl = torch.tensor([0] + [qsl[i + 1] - qsl[i] for i in inside], dtype=torch.int32).cumsum(0)
+                sub_qsl = sub_qsl.to(torch.int32)
+                sub_lens = torch.tensor([lens[i] for i in inside], dtype=torch.int32)
+                table = md.block_table[torch.tensor(inside)]
+            sched = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=len(inside), num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads,
+                head_dim=impl.head_size, seq_lens=sub_lens, dtype=dtype, query_start_loc=sub_qsl, causal=True,
+                sliding_window_size=-1, isa=CPU_ISA, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            )
+            vllm_batch = (tokens, sub_qsl, sub_lens, table, sched)
+        decode = [i for i in beyond if qsl[i + 1] - qsl[i] == 1]
+        plan = None
+        if decode:
+            plan = DecodePlan.build(decode, [lens[i] for i in decode], [qsl[i] for i in decode], impl.pattern, inv_freq)
+        return cls(cos[:, None], sin[:, None], inside, beyond, vllm_batch, plan)
+
+
 def _triton_kernel():
     # Imported on first CUDA use only: the CPU path must not need a working Triton.
     from lminf_kernels.triton_lambda import lambda_paged_attention_triton
@@ -131,6 +188,7 @@ class LMInfAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         self.pattern = pattern
         self.rotary = rotary
+        self.absolute = absolute_path_supported(head_size, rotary)
 
     def forward(
         self,
@@ -149,12 +207,17 @@ class LMInfAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling / compile warm-up: no cache, no work
             return output
         n = attn_metadata.num_actual_tokens
-        kwargs = {}
+        if n == 0:
+            return output
+        if self.absolute:
+            self._forward_absolute(query[:n], key[:n], value[:n], kv_cache, attn_metadata, output[:n])
+            return output
+        # raw keys: stored unrotated, rotated at clamped distances when read
+        store_kv(kv_cache, attn_metadata.slot_mapping, key[:n], value[:n])
         if query.is_cuda:
             attend, qsl, lens = _triton_kernel(), attn_metadata.query_start_loc_dev, attn_metadata.seq_lens_dev
         else:
             attend, qsl, lens = lambda_paged_attention, attn_metadata.query_start_loc, attn_metadata.seq_lens
-            kwargs["prerotated"] = self._prerotate(query)
         attend(
             query[:n],
             kv_cache,
@@ -167,34 +230,61 @@ class LMInfAttentionImpl(AttentionImpl):
             scale=self.scale,
             query_scale=self.rotary.query_scale(attn_metadata),
             out=output[:n],
-            **kwargs,
         )
         return output
 
-    def _prerotate(self, x: torch.Tensor) -> bool:
-        """Store keys rotated within their block (decode then rotates only the query)
-        on the CPU path, when the frequencies never change; raw keys otherwise (CLEX
-        changes them per step; the Triton kernel reads raw keys)."""
-        return self.rotary.clex is None and not x.is_cuda
+    def _forward_absolute(self, query, key, value, kv_cache, md: LMInfMetadata, out) -> None:
+        from vllm import _custom_ops as ops
 
-    def do_kv_cache_update(
-        self,
-        layer: torch.nn.Module,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        """Store this step's keys (raw, or rotated within their block; never at their
-        absolute position) and values."""
-        if self._prerotate(key):
-            store_kv(kv_cache, slot_mapping, key, value, style=self.rotary.style, inv_freq=self.rotary.inv_freq)
-        else:
-            store_kv(kv_cache, slot_mapping, key, value)
+        from lminf_kernels.rope import rotate
+
+        step = md.step_cache.get("absolute")
+        if step is None:
+            step = md.step_cache["absolute"] = AbsoluteStep.build(md, self, self.rotary.inv_freq, query.dtype)
+        style = self.rotary.style
+        q = rotate(query, step.cos, step.sin, style).to(query.dtype)
+        k = rotate(key, step.cos, step.sin, style).to(key.dtype)
+        num_blocks, hkv, bs, _ = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(num_blocks, hkv, 2 * bs, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, value.contiguous(), key_cache, value_cache, md.slot_mapping[: k.shape[0]],
+                                       CPU_ISA, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        if step.vllm_batch is not None:
+            tokens, sub_qsl, sub_lens, table, sched = step.vllm_batch
+            sub_q = q if tokens is None else q.index_select(0, tokens)
+            sub_out = out if tokens is None else torch.empty_like(sub_q)
+            ops.cpu_attention_with_kv_cache(
+                query=sub_q, key_cache=key_cache, value_cache=value_cache, output=sub_out,
+                query_start_loc=sub_qsl, seq_lens=sub_lens, scale=self.scale, causal=True, alibi_slopes=None,
+                sliding_window=-1, block_table=table, softcap=0.0, scheduler_metadata=sched, s_aux=None,
+            )
+            if tokens is not None:
+                out.index_copy_(0, tokens, sub_out)
+        if step.beyond:
+            lambda_attention_absolute(
+                q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, pattern=self.pattern, style=style,
+                inv_freq=self.rotary.inv_freq, scale=self.scale, out=out, plan=step.decode_plan,
+                sequences=step.beyond,
+            )
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        raise AssertionError("LMInfAttentionBackend stores K/V inside forward (forward_includes_kv_cache_update)")
+
+
+def absolute_path_supported(head_size: int, rotary: RotarySource) -> bool:
+    """The CPU fast path needs fixed frequencies (not CLEX), vLLM's x86 CPU kernels and a
+    head size their "vec" layout takes."""
+    return (
+        rotary.clex is None
+        and current_platform.is_cpu()
+        and current_platform.get_cpu_architecture() == CpuArchEnum.X86
+        and head_size % 32 == 0
+    )
 
 
 class LMInfAttentionBackend(CPUAttentionBackend):
-    forward_includes_kv_cache_update: bool = False
+    # K/V are written inside forward: the absolute path rotates keys at positions that
+    # only the step metadata knows.
+    forward_includes_kv_cache_update: bool = True
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
 
     @staticmethod

@@ -1,0 +1,41 @@
+"""Builds and loads the C++ decode kernel (`csrc/lambda_decode_cpu.cpp`) on first use.
+
+Compiled with the local compiler for this CPU (`-march=native`) into torch's extension
+cache; later processes load the cached library. Where no compiler works, `decode_op()`
+returns None and callers use the torch path, which computes the same result.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).resolve().parent / "csrc" / "lambda_decode_cpu.cpp"
+DISABLE_ENV = "LMINF_CPU_EXTENSION"  # "0" forces the torch path
+
+
+@functools.cache
+def decode_op():
+    """torch.ops.lminf_cpu.lambda_decode, or None (disabled or failed to build)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(
+            name="lminf_cpu_decode",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no headers: same results, slower
+        log.warning("vllm-lminf: C++ decode kernel unavailable (%s); using the torch path", exc)
+        return None
+    return torch.ops.lminf_cpu.lambda_decode

@@ -1,0 +1,212 @@
+"""Λ attention on vLLM's CPU cache layout, keys rotated at their absolute position.
+
+This is the CPU fast path. The cache is the one vLLM's own CPU attention reads (ISA
+"vec"): per (block, kv head), B*D key elements stored dim-major ([D][B]) then B*D
+value elements token-major ([B][D]). Keys and queries are rotated at their absolute
+positions with angles computed in float64 (exact at any position, unlike a float32
+angle table), so
+  - a local logit <R(p) q, R(j) k> is already at distance p - j, and
+  - a global key j is seen at the clamped distance d by rotating the query by d - p + j.
+A sequence that never leaves the window is plain causal attention over this cache, so
+callers may hand such rows to vLLM's own kernel.
+
+Decode rows (one query) go to the C++ kernel (`cpu_extension`); every other row, and
+decode rows when the kernel is unavailable, to the torch code below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cpu_extension import decode_op
+from .lambda_attention import DEFAULT_QUERY_TILE, _dense, _flash, _merge
+from .pattern import LambdaPattern
+from .rope import RopeStyle, rotate
+
+# Keys per work item of the C++ decode kernel (a long window is split across cores).
+DECODE_CHUNK_TOKENS = 1024
+
+
+def absolute_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin of positions * inv_freq with the product taken in float64."""
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(torch.float64)
+    return angles.cos().to(torch.float32), angles.sin().to(torch.float32)
+
+
+def cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, Hkv, B, 2D] cache -> keys [N, Hkv, D, B] and values [N, Hkv, B, D] (views)."""
+    n, h, bs, d2 = kv_cache.shape
+    flat = kv_cache.view(n, h, 2, bs * (d2 // 2))
+    return flat[:, :, 0].view(n, h, d2 // 2, bs), flat[:, :, 1].view(n, h, bs, d2 // 2)
+
+
+def store_kv_absolute(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor) -> None:
+    """Write already-rotated keys and values at `slot_mapping` (negative = padding),
+    in the layout vLLM's `cpu_attn_reshape_and_cache(..., isa="vec")` writes."""
+    n = min(slot_mapping.shape[0], key.shape[0])
+    slots = slot_mapping[:n].long()
+    key, value = key[:n], value[:n]
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, key, value = slots[valid], key[valid], value[valid]
+    keys_t, values = cache_views(kv_cache)
+    bs = kv_cache.shape[2]
+    blk, off = slots // bs, slots % bs
+    keys_t[blk, :, :, off] = key.to(kv_cache.dtype)
+    values[blk, :, off, :] = value.to(kv_cache.dtype)
+
+
+def gather_span_absolute(kv_cache: torch.Tensor, block_row: torch.Tensor, lo: int, hi: int):
+    """Tokens [lo, hi) of one sequence as K, V: [Hkv, hi-lo, D] each (reads only those blocks)."""
+    keys_t, values = cache_views(kv_cache)
+    bs, h = kv_cache.shape[2], kv_cache.shape[1]
+    b0, b1 = lo // bs, (hi - 1) // bs + 1
+    ids = block_row[b0:b1].long()
+    k = keys_t[ids].permute(1, 0, 3, 2).reshape(h, (b1 - b0) * bs, -1)[:, lo - b0 * bs : hi - b0 * bs]
+    v = values[ids].transpose(0, 1).reshape(h, (b1 - b0) * bs, -1)[:, lo - b0 * bs : hi - b0 * bs]
+    return k, v
+
+
+def global_queries(q_abs: torch.Tensor, positions: torch.Tensor, n_keys: int, pattern: LambdaPattern,
+                   style: RopeStyle, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Queries rotated for each global key: [T, n_keys, Hq, D] float32, entry (t, j) equal
+    to R(d - p_t + j) q_abs[t], so that its product with the stored R(j) k_j is the logit
+    at distance d."""
+    j = torch.arange(n_keys, dtype=torch.int64)
+    c, s = absolute_cos_sin(pattern.distance_limit - positions[:, None] + j[None, :], inv_freq)
+    q = q_abs[:, None].to(torch.float32).expand(-1, n_keys, -1, -1)
+    return rotate(q, c[:, :, None], s[:, :, None], style)
+
+
+def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale, out, query_tile):
+    """Λ attention of one sequence's consecutive queries [first_pos, first_pos + T)."""
+    tq_all, hq, dh = query.shape
+    hkv = kv_cache.shape[1]
+    group = hq // hkv
+    last_pos = first_pos + tq_all - 1
+    span_lo = pattern.local_start(first_pos)
+    k_span, v_span = gather_span_absolute(kv_cache, row, span_lo, last_pos + 1)
+    # contiguous copies: torch's CPU flash kernel misreads some strided K/V views
+    k_span, v_span = k_span.to(torch.float32).contiguous(), v_span.to(torch.float32).contiguous()
+    for t0 in range(0, tq_all, query_tile):
+        t1 = min(tq_all, t0 + query_tile)
+        tq = t1 - t0
+        pa, pb = first_pos + t0, first_pos + t1 - 1
+        q = query[t0:t1].to(torch.float32)
+        q_heads = q.view(tq, hkv, group, dh).permute(1, 2, 0, 3).reshape(hkv, group * tq, dh)
+        lo = pattern.local_start(pa)
+        k_loc = k_span[:, lo - span_lo : pb + 1 - span_lo]
+        v_loc = v_span[:, lo - span_lo : pb + 1 - span_lo]
+        mask = None
+        if tq > 1:
+            rel_q = torch.arange(pa - lo, pb - lo + 1)[:, None]
+            rel_k = torch.arange(pb + 1 - lo)[None, :]
+            visible = (rel_k <= rel_q) & (rel_k > rel_q - pattern.n_local)
+            mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(group, 1)
+        # torch's fused kernel only pays off for many queries (and mishandles one key)
+        res, lse = (_flash if tq > 1 else _dense)(q_heads, k_loc, v_loc, mask, scale)
+        g_hi = pattern.global_end(pb)
+        if g_hi > 0:
+            k_g, v_g = gather_span_absolute(kv_cache, row, 0, g_hi)
+            pos = torch.arange(pa, pb + 1)
+            q_g = global_queries(q, pos, g_hi, pattern, style, inv_freq)  # [tq, g, Hq, D]
+            q_g = q_g.view(tq, g_hi, hkv, group, dh).permute(2, 3, 0, 1, 4)  # [Hkv, G, tq, g, D]
+            s_g = torch.einsum("hgtjd,hjd->hgtj", q_g, k_g.to(torch.float32)) * scale
+            seen = torch.arange(g_hi)[None, :] <= pos[:, None] - pattern.n_local
+            s_g = s_g.masked_fill(~seen, float("-inf")).reshape(hkv, group * tq, g_hi)
+            lse_g = torch.logsumexp(s_g, dim=-1)
+            p_g = torch.exp(s_g - lse_g.clamp(min=-1e30)[..., None])
+            res = _merge(res, lse, torch.bmm(p_g, v_g.to(torch.float32)), lse_g)
+        out[t0:t1] = res.view(hkv, group, tq, -1).permute(2, 0, 1, 3).reshape(tq, hq, -1).to(out.dtype)
+
+
+@dataclass
+class DecodePlan:
+    """Per-step inputs of the C++ decode kernel, shared by every layer of a step."""
+
+    token_index: torch.Tensor  # [S] query row of each decoding sequence
+    rows: torch.Tensor  # [S] its block-table row
+    lo: torch.Tensor  # [S] first local key
+    pos: torch.Tensor  # [S] query position
+    n_glob: torch.Tensor  # [S] global keys outside the window
+    glob_cos: torch.Tensor  # [S, g_max, R/2]: rotation taking R(p) q to R(d + j) q
+    glob_sin: torch.Tensor
+
+    @classmethod
+    def build(cls, rows: list[int], seq_lens: list[int], token_index: list[int], pattern: LambdaPattern,
+              inv_freq: torch.Tensor) -> "DecodePlan":
+        pos = torch.tensor([s - 1 for s in seq_lens], dtype=torch.int64)
+        n_glob = torch.tensor([pattern.global_end(s - 1) for s in seq_lens], dtype=torch.int64)
+        g_max = int(n_glob.max()) if len(seq_lens) else 0
+        j = torch.arange(g_max, dtype=torch.int64)
+        c, s = absolute_cos_sin(pattern.distance_limit - pos[:, None] + j[None, :], inv_freq)
+        return cls(torch.tensor(token_index, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64),
+                   torch.tensor([pattern.local_start(s - 1) for s in seq_lens], dtype=torch.int64),
+                   pos, n_glob, c[:, :, None], s[:, :, None])
+
+
+def decode_rows(query, kv_cache, block_table, plan: DecodePlan, *, style, scale, out) -> bool:
+    """One query per planned sequence through the C++ kernel. Returns False if the
+    kernel is unavailable (nothing written)."""
+    op = decode_op()
+    if op is None:
+        return False
+    q = query.index_select(0, plan.token_index).to(torch.float32) * scale
+    g_max = plan.glob_cos.shape[1]
+    q_glob = rotate(q[:, None].expand(-1, g_max, -1, -1), plan.glob_cos, plan.glob_sin, style).contiguous()
+    res = op(q, q_glob, kv_cache, block_table, plan.rows, plan.lo, plan.pos, plan.n_glob, DECODE_CHUNK_TOKENS)
+    out.index_copy_(0, plan.token_index, res.to(out.dtype))
+    return True
+
+
+def lambda_attention_absolute(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    *,
+    pattern: LambdaPattern,
+    style: RopeStyle,
+    inv_freq: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    query_tile: int = DEFAULT_QUERY_TILE,
+    use_extension: bool = True,
+    plan: DecodePlan | None = None,
+    sequences: list[int] | None = None,
+) -> torch.Tensor:
+    """Λ attention for a batch (prefill chunks and decodes mixed).
+
+    query: [T, Hq, D] rotated at absolute positions (`absolute_cos_sin`), sequence i
+    owning rows query_start_loc[i]:query_start_loc[i+1], its queries being the last
+    tokens of its seq_lens[i] tokens. kv_cache holds this step's keys already (rotated
+    the same way, `store_kv_absolute`). inv_freq: [R/2] float32. plan: the step's
+    `DecodePlan` for its one-query rows (built here when not given). sequences: compute
+    only these (others' output rows are left untouched).
+    """
+    if out is None:
+        out = torch.empty_like(query)
+    inv_freq = inv_freq.to(torch.float32)
+    todo = range(len(seq_lens)) if sequences is None else sequences
+    decode = [i for i in todo if query_start_loc[i + 1] - query_start_loc[i] == 1]
+    done = set()
+    if decode and use_extension:
+        if plan is None:
+            plan = DecodePlan.build(decode, [seq_lens[i] for i in decode], [query_start_loc[i] for i in decode],
+                                    pattern, inv_freq)
+        if block_table.dtype != torch.int32:
+            block_table = block_table.to(torch.int32)
+        if decode_rows(query, kv_cache, block_table, plan, style=style, scale=scale, out=out):
+            done = set(decode)
+    for i in todo:
+        seq_len = seq_lens[i]
+        a, b = query_start_loc[i], query_start_loc[i + 1]
+        if b <= a or i in done:
+            continue
+        _torch_rows(query[a:b], kv_cache, block_table[i], seq_len - (b - a), pattern, style, inv_freq, scale,
+                    out[a:b], query_tile)
+    return out

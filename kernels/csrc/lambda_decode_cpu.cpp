@@ -1,0 +1,355 @@
+// Λ-attention decode on the CPU, reading vLLM's CPU ("vec" ISA) paged cache layout.
+//
+// One query token per sequence. Keys in the cache are rotated at their absolute
+// position; the caller passes the query rotated at its own position (local span) and,
+// for each global key j, the query rotated so that <q_glob[j], key_j> is the logit at
+// the clamped distance. Per (block, kv head) the cache holds B*D key elements stored
+// dim-major ([D][B]) followed by B*D value elements token-major ([B][D]).
+//
+// Work is split over (sequence, kv head, key chunk); chunks keep (max, sum, acc) and
+// are merged at the end, so two cores share one long window even at batch 1.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// exp(x) for x <= 0 with ~1e-7 relative error; plain arithmetic so loops vectorize.
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// 16 cache elements -> 16 floats (first n only, the rest read as zero).
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+inline __mmask16 first_n(int n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
+constexpr int kMaxGroup = 8;  // query heads per kv head kept in registers at once
+
+// Scores of GC query heads (q at stride D) for keys [i0, i0+16) of a dim-major block.
+template <int GC, typename T>
+inline void scores_tile(int D, int B, int i0, __mmask16 m, const float* q, const T* kd, float* s) {
+  __m512 acc[GC];
+#pragma GCC unroll 8
+  for (int g = 0; g < GC; ++g) acc[g] = _mm512_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    const __m512 k = load16(kd + static_cast<int64_t>(d) * B + i0, m);
+#pragma GCC unroll 8
+    for (int g = 0; g < GC; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * D + d]), k, acc[g]);
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < GC; ++g) _mm512_mask_storeu_ps(s + g * B + i0, m, acc[g]);
+}
+
+// acc[g*D + d0 ..+16] += sum_i p[g*B + i] * V[i*D + d0 ..+16] for GC heads.
+template <int GC, typename T>
+inline void values_tile(int D, int B, int n, int d0, __mmask16 m, const float* p, const T* v, float* out) {
+  __m512 acc[GC];
+#pragma GCC unroll 8
+  for (int g = 0; g < GC; ++g) acc[g] = _mm512_setzero_ps();
+  for (int i = 0; i < n; ++i) {
+    const __m512 x = load16(v + static_cast<int64_t>(i) * D + d0, m);
+#pragma GCC unroll 8
+    for (int g = 0; g < GC; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * B + i]), x, acc[g]);
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < GC; ++g) {
+    float* dst = out + g * D + d0;
+    _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), acc[g]));
+  }
+}
+
+#define LMINF_DISPATCH_GC(gc, CALL) \
+  switch (gc) {                     \
+    case 1: CALL(1); break;         \
+    case 2: CALL(2); break;         \
+    case 3: CALL(3); break;         \
+    case 4: CALL(4); break;         \
+    case 5: CALL(5); break;         \
+    case 6: CALL(6); break;         \
+    case 7: CALL(7); break;         \
+    default: CALL(8); break;        \
+  }
+
+// s[g*B + i] = sum_d q[g*D + d] * K[d*B + i] for i < n, g < group (K dim-major).
+template <typename T>
+inline void block_scores(int group, int D, int B, int n, const float* q, const T* kd, float* s) {
+  for (int g0 = 0; g0 < group; g0 += kMaxGroup) {
+    const int gc = std::min(kMaxGroup, group - g0);
+    for (int i0 = 0; i0 < n; i0 += 16) {
+      const __mmask16 m = first_n(n - i0);
+#define LMINF_SCORES(GC) scores_tile<GC, T>(D, B, i0, m, q + g0 * D, kd, s + g0 * B)
+      LMINF_DISPATCH_GC(gc, LMINF_SCORES)
+#undef LMINF_SCORES
+    }
+  }
+}
+
+// acc[g*D + d] += sum_i p[g*B + i] * V[i*D + d] (V token-major).
+template <typename T>
+inline void block_values(int group, int D, int B, int n, const float* p, const T* v, float* acc) {
+  for (int g0 = 0; g0 < group; g0 += kMaxGroup) {
+    const int gc = std::min(kMaxGroup, group - g0);
+    for (int d0 = 0; d0 < D; d0 += 16) {
+      const __mmask16 m = first_n(D - d0);
+#define LMINF_VALUES(GC) values_tile<GC, T>(D, B, n, d0, m, p + g0 * B, v, acc + g0 * D)
+      LMINF_DISPATCH_GC(gc, LMINF_VALUES)
+#undef LMINF_VALUES
+    }
+  }
+}
+#else
+template <typename T>
+inline void block_scores(int group, int D, int B, int n, const float* q, const T* kd, float* s) {
+  for (int g = 0; g < group; ++g) std::fill(s + g * B, s + g * B + n, 0.0f);
+  for (int d = 0; d < D; ++d)
+    for (int g = 0; g < group; ++g) {
+      const float qd = q[g * D + d];
+      for (int i = 0; i < n; ++i) s[g * B + i] += qd * to_f(kd[static_cast<int64_t>(d) * B + i]);
+    }
+}
+template <typename T>
+inline void block_values(int group, int D, int B, int n, const float* p, const T* v, float* acc) {
+  for (int g = 0; g < group; ++g)
+    for (int i = 0; i < n; ++i)
+      for (int d = 0; d < D; ++d) acc[g * D + d] += p[g * B + i] * to_f(v[static_cast<int64_t>(i) * D + d]);
+}
+#endif
+
+struct Partial {
+  float* m;    // [group]
+  float* l;    // [group]
+  float* acc;  // [group * D]
+};
+
+#if defined(__AVX512F__)
+// exp_nonpos on 16 lanes (same polynomial and reduction as the scalar version).
+inline __m512 exp_nonpos16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// sg[0..n) <- exp(sg - mx) in place; returns max(m_old, max sg) through mx and the sum.
+inline float softmax_block(float* sg, int n, float& mx) {
+  __m512 vmax = _mm512_set1_ps(mx);
+  for (int i = 0; i < n; i += 16) vmax = _mm512_mask_max_ps(vmax, first_n(n - i), vmax, _mm512_maskz_loadu_ps(first_n(n - i), sg + i));
+  mx = _mm512_reduce_max_ps(vmax);
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = first_n(n - i);
+    const __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + i), vm));
+    _mm512_mask_storeu_ps(sg + i, m, e);
+    vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+  }
+  return _mm512_reduce_add_ps(vsum);
+}
+#else
+inline float softmax_block(float* sg, int n, float& mx) {
+  for (int i = 0; i < n; ++i) mx = std::max(mx, sg[i]);
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    sg[i] = exp_nonpos(sg[i] - mx);
+    sum += sg[i];
+  }
+  return sum;
+}
+#endif
+
+// Online-softmax update of each query head of a group with `n` keys whose scores are
+// in s[g*B + i] and values at v + i*D.
+template <typename T>
+inline void absorb(int group, int D, int B, int n, float* s, const T* v, Partial& part) {
+  for (int g = 0; g < group; ++g) {
+    float mx = part.m[g];
+    const float sum = softmax_block(s + g * B, n, mx);
+    const float corr = part.m[g] == -std::numeric_limits<float>::infinity() ? 0.0f : exp_nonpos(part.m[g] - mx);
+    part.l[g] = part.l[g] * corr + sum;
+    part.m[g] = mx;
+    float* acc = part.acc + g * D;
+    for (int d = 0; d < D; ++d) acc[d] *= corr;
+  }
+  block_values<T>(group, D, B, n, s, v, part.acc);
+}
+
+template <typename T>
+void decode_impl(const at::Tensor& q_loc, const at::Tensor& q_glob, const at::Tensor& kv_cache,
+                 const at::Tensor& block_table, const at::Tensor& rows, const at::Tensor& lo,
+                 const at::Tensor& pos, const at::Tensor& n_glob, at::Tensor& out, int64_t chunk_tokens) {
+  const int64_t S = q_loc.size(0), Hq = q_loc.size(1), D = q_loc.size(2);
+  const int64_t Hkv = kv_cache.size(1), B = kv_cache.size(2);
+  const int64_t group = Hq / Hkv;
+  const int64_t Gmax = q_glob.size(1);
+  const int64_t bt_stride = block_table.stride(0);
+  const T* cache = kv_cache.data_ptr<T>();
+  const float* ql = q_loc.data_ptr<float>();
+  const float* qg = q_glob.data_ptr<float>();
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
+  const int64_t* lo_p = lo.data_ptr<int64_t>();
+  const int64_t* pos_p = pos.data_ptr<int64_t>();
+  const int64_t* ng = n_glob.data_ptr<int64_t>();
+  const int64_t blk_stride = Hkv * B * 2 * D, head_stride = B * 2 * D;
+
+  // Chunks of whole blocks: chunk c of sequence s covers blocks [b0 + c*cb, ...).
+  const int64_t cb = std::max<int64_t>(1, chunk_tokens / B);
+  std::vector<int64_t> first_task(S + 1, 0), nchunks(S);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t nb = pos_p[s] / B - lo_p[s] / B + 1;
+    nchunks[s] = (nb + cb - 1) / cb;
+    first_task[s + 1] = first_task[s] + nchunks[s] * Hkv;
+  }
+  const int64_t ntasks = first_task[S];
+  const int64_t part_len = group * (D + 2);
+  std::vector<float> parts(static_cast<size_t>(ntasks * part_len));
+
+  at::parallel_for(0, ntasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<float> s(static_cast<size_t>(group * B));
+    for (int64_t task = t_begin; task < t_end; ++task) {
+      const int64_t seq = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+      const int64_t local = task - first_task[seq];
+      const int64_t h = local % Hkv, chunk = local / Hkv;
+      float* base = parts.data() + task * part_len;
+      Partial part{base, base + group, base + 2 * group};
+      for (int64_t g = 0; g < group; ++g) {
+        part.m[g] = -std::numeric_limits<float>::infinity();
+        part.l[g] = 0.0f;
+      }
+      std::fill(part.acc, part.acc + group * D, 0.0f);
+      const int32_t* trow = bt + row[seq] * bt_stride;
+      const float* q = ql + (seq * Hq + h * group) * D;
+      const int64_t p = pos_p[seq], l0 = lo_p[seq];
+      const int64_t b_first = l0 / B + chunk * cb;
+      const int64_t b_last = std::min(p / B, b_first + cb - 1);
+      for (int64_t b = b_first; b <= b_last; ++b) {
+        const int64_t t0 = std::max(l0, b * B) - b * B;
+        const int64_t t1 = std::min(p + 1, (b + 1) * B) - b * B;
+        const int n = static_cast<int>(t1 - t0);
+        const T* kb = cache + trow[b] * blk_stride + h * head_stride;
+        const T* vb = kb + B * D;
+        block_scores<T>(group, D, B, n, q, kb + t0, s.data());
+        absorb<T>(group, D, B, n, s.data(), vb + t0 * D, part);
+      }
+      // Global keys j < n_glob (never inside the window): the first chunk takes them,
+      // block by block (values of one block are contiguous).
+      const int64_t nglob = ng[seq];
+      for (int64_t bj = 0; chunk == 0 && bj * B < nglob; ++bj) {
+        const int n = static_cast<int>(std::min(nglob - bj * B, B));
+        const T* kb = cache + trow[bj] * blk_stride + h * head_stride;
+        for (int64_t g = 0; g < group; ++g) {
+          for (int i = 0; i < n; ++i) {
+            const float* qj = qg + ((seq * Gmax + bj * B + i) * Hq + h * group + g) * D;
+            float acc = 0.0f;
+            for (int64_t d = 0; d < D; ++d) acc += qj[d] * to_f(kb[d * B + i]);
+            s[g * B + i] = acc;
+          }
+        }
+        absorb<T>(group, D, B, n, s.data(), kb + B * D, part);
+      }
+    }
+  });
+
+  // Merge chunks of each (sequence, kv head).
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t sh = begin; sh < end; ++sh) {
+      const int64_t seq = sh / Hkv, h = sh % Hkv;
+      for (int64_t g = 0; g < group; ++g) {
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < nchunks[seq]; ++c) {
+          const float* base = parts.data() + (first_task[seq] + c * Hkv + h) * part_len;
+          mx = std::max(mx, base[g]);
+        }
+        float* dst = o + (seq * Hq + h * group + g) * D;
+        std::fill(dst, dst + D, 0.0f);
+        float denom = 0.0f;
+        for (int64_t c = 0; c < nchunks[seq]; ++c) {
+          const float* base = parts.data() + (first_task[seq] + c * Hkv + h) * part_len;
+          if (base[g] == -std::numeric_limits<float>::infinity()) continue;
+          const float w = exp_nonpos(base[g] - mx);
+          denom += w * base[group + g];
+          const float* acc = base + 2 * group + g * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] += w * acc[d];
+        }
+        const float inv = 1.0f / denom;
+        for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+      }
+    }
+  });
+}
+
+at::Tensor lambda_decode(const at::Tensor& q_loc, const at::Tensor& q_glob, const at::Tensor& kv_cache,
+                         const at::Tensor& block_table, const at::Tensor& rows, const at::Tensor& lo,
+                         const at::Tensor& pos, const at::Tensor& n_glob, int64_t chunk_tokens) {
+  TORCH_CHECK(q_loc.dim() == 3 && q_loc.scalar_type() == at::kFloat && q_loc.is_contiguous(),
+              "q_loc must be a contiguous float32 [S, Hq, D] tensor");
+  TORCH_CHECK(q_glob.dim() == 4 && q_glob.scalar_type() == at::kFloat && q_glob.is_contiguous(),
+              "q_glob must be a contiguous float32 [S, G, Hq, D] tensor");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(), "kv_cache must be contiguous [N, Hkv, B, 2D]");
+  TORCH_CHECK(kv_cache.size(3) == 2 * q_loc.size(2), "kv_cache last dim must be 2 * head size");
+  TORCH_CHECK(q_loc.size(1) % kv_cache.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.stride(1) == 1, "block_table must be int32, rows contiguous");
+  for (const at::Tensor* t : {&rows, &lo, &pos, &n_glob})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == q_loc.size(0),
+                "rows/lo/pos/n_glob must be contiguous int64 [S]");
+  at::Tensor out = at::empty(q_loc.sizes(), q_loc.options());
+  if (q_loc.size(0) == 0) return out;
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat: decode_impl<float>(q_loc, q_glob, kv_cache, block_table, rows, lo, pos, n_glob, out, chunk_tokens); break;
+    case at::kBFloat16: decode_impl<c10::BFloat16>(q_loc, q_glob, kv_cache, block_table, rows, lo, pos, n_glob, out, chunk_tokens); break;
+    case at::kHalf: decode_impl<c10::Half>(q_loc, q_glob, kv_cache, block_table, rows, lo, pos, n_glob, out, chunk_tokens); break;
+    default: TORCH_CHECK(false, "kv_cache dtype must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lminf_cpu, m) {
+  m.def("lambda_decode(Tensor q_loc, Tensor q_glob, Tensor kv_cache, Tensor block_table, Tensor rows, "
+        "Tensor lo, Tensor pos, Tensor n_glob, int chunk_tokens) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lminf_cpu, CPU, m) { m.impl("lambda_decode", &lambda_decode); }

@@ -1,0 +1,167 @@
+"""The CPU fast path (vLLM's CPU cache layout, keys rotated at absolute positions, C++
+decode kernel) against the naive float64 reference. No vLLM engine needed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lminf_kernels import cpu_extension
+from lminf_kernels.cpu_lambda import cache_views, lambda_attention_absolute, store_kv_absolute
+from lminf_kernels.naive import lambda_paged_attention_naive
+from lminf_kernels.pattern import LambdaPattern
+from lminf_kernels.rope import RopeStyle
+from test_kernels_torch import CASES, build_paged, make_inv_freq, poison_unread_blocks, rel_err
+
+
+def rotate64(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, style: RopeStyle) -> torch.Tensor:
+    """Reference rotation of [T, H, D] rows at integer positions, all in float64."""
+    x = x.double().clone()
+    ang = pos.double()[:, None] * inv.double()[None, :]
+    c, s = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    r = style.rotary_dim
+    if style.neox:
+        a, b = x[..., : r // 2].clone(), x[..., r // 2 : r].clone()
+        x[..., : r // 2], x[..., r // 2 : r] = a * c - b * s, b * c + a * s
+    else:
+        a, b = x[..., 0:r:2].clone(), x[..., 1:r:2].clone()
+        x[..., 0:r:2], x[..., 1:r:2] = a * c - b * s, b * c + a * s
+    return x
+
+
+def to_absolute_layout(raw: torch.Tensor, table, seq_lens, inv, style) -> torch.Tensor:
+    """The interleaved raw-key cache rewritten as vLLM's CPU layout with keys rotated at
+    their absolute positions (NaN everywhere no sequence token lives)."""
+    out = torch.full_like(raw, float("nan"))
+    keys_t, values = cache_views(out)
+    bs, d = raw.shape[2], raw.shape[3] // 2
+    for i, s in enumerate(seq_lens):
+        pos = torch.arange(s)
+        blk, off = table[i][pos // bs].long(), pos % bs
+        k = raw[blk, :, off, :d]  # [s, H, D]
+        keys_t[blk, :, :, off] = rotate64(k, pos, inv, style).to(raw.dtype)
+        values[blk, :, off, :] = raw[blk, :, off, d:]
+    return out
+
+
+def poison_unread_whole_blocks(cache, table, seq_lens, q_lens, pattern):
+    """NaN-fill every block no query of the step may read (the tails of partly written
+    blocks are NaN already, from `to_absolute_layout`)."""
+    marks = poison_unread_blocks(torch.zeros_like(cache), table, seq_lens, q_lens, pattern)
+    unread = marks.isnan().flatten(1).all(1)
+    cache = cache.clone()
+    cache[unread] = float("nan")
+    return cache
+
+
+def absolute_queries(query, qsl, seq_lens, inv, style):
+    q = torch.empty(query.shape, dtype=torch.float64)
+    for i, s in enumerate(seq_lens):
+        a, b = qsl[i], qsl[i + 1]
+        q[a:b] = rotate64(query[a:b], torch.arange(s - (b - a), s), inv, style)
+    return q.to(query.dtype)
+
+
+@pytest.mark.parametrize("use_extension", [True, False], ids=["cpp", "torch"])
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_absolute_path_matches_naive(case, neox, use_extension):
+    torch.manual_seed(random.randrange(1 << 30))
+    seq_lens, q_lens, pattern, bs, tile = case
+    hq, hkv, dh = 6, 2, 16
+    style = RopeStyle(12 if not neox else 16, neox)
+    raw, table = build_paged(seq_lens, hkv, dh, bs)
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    query = torch.randn(qsl[-1], hq, dh)
+    inv = make_inv_freq(style.rotary_dim)
+    kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=dh**-0.5)
+    want = lambda_paged_attention_naive(query, raw, table, qsl, seq_lens, **kw)
+    cache = poison_unread_whole_blocks(to_absolute_layout(raw, table, seq_lens, inv, style), table, seq_lens, q_lens, pattern)
+    got = lambda_attention_absolute(absolute_queries(query, qsl, seq_lens, inv, style), cache, table, qsl, seq_lens,
+                                    query_tile=tile, use_extension=use_extension, **kw)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_low_precision_cache(dtype, tol):
+    """bf16/fp16 caches and queries; a long decode window split across kernel chunks,
+    GQA 4:1, B=128, globals in the first block."""
+    torch.manual_seed(random.randrange(1 << 30))
+    seq_lens, q_lens = [3000, 5000, 700], [1, 1, 40]
+    pattern = LambdaPattern(10, 2048, 2048)
+    hq, hkv, dh, bs = 8, 2, 64, 128
+    style = RopeStyle(dh, True)
+    raw, table = build_paged(seq_lens, hkv, dh, bs)
+    qsl = [0, 1, 2, 42]
+    query = torch.randn(42, hq, dh)
+    inv = make_inv_freq(dh)
+    kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=dh**-0.5)
+    want = lambda_paged_attention_naive(query, raw.to(dtype).float(), table, qsl, seq_lens, **kw)
+    cache = to_absolute_layout(raw, table, seq_lens, inv, style).to(dtype)
+    got = lambda_attention_absolute(absolute_queries(query, qsl, seq_lens, inv, style).to(dtype), cache, table, qsl,
+                                    seq_lens, **kw)
+    assert got.dtype == dtype
+    assert rel_err(got, want) < tol
+
+
+def test_positions_past_one_million():
+    """Decode and a short chunk at ~1.2M: float64 angles keep the result equal to the
+    reference on the same global and window tokens; stale blocks are never read."""
+    torch.manual_seed(random.randrange(1 << 30))
+    bs, hkv, hq, dh = 32, 2, 4, 32
+    pattern = LambdaPattern(10, 64, 64)
+    style = RopeStyle(dh, True)
+    inv = make_inv_freq(dh)
+    long_len = 1_200_007
+    nb = -(-long_len // bs)
+    g_blk, lo = 2, pattern.local_start(long_len - 5)
+    win = list(range(lo // bs, nb))
+    cache = torch.full((4 + len(win), hkv, bs, 2 * dh), float("nan"))
+    table = torch.ones(1, nb, dtype=torch.int32)  # block 1: NaN, stands for freed blocks
+    table[0, 0] = g_blk
+    table[0, win[0]:] = torch.arange(4, 4 + len(win), dtype=torch.int32)
+    k_raw, v = torch.randn(long_len - lo + 10, hkv, dh), torch.randn(long_len - lo + 10, hkv, dh)
+    pos = torch.cat([torch.arange(10), torch.arange(lo, long_len)])
+    slots = table[0][pos // bs].long() * bs + pos % bs
+    store_kv_absolute(cache, slots, rotate64(k_raw[: len(pos)], pos, inv, style).float(), v[: len(pos)])
+    query = torch.randn(5, hq, dh)
+    # reference: dense over exactly those tokens, positions kept
+    from lminf_kernels.naive import lambda_attention_dense
+    dense_k = torch.zeros(long_len, hkv, dh)
+    dense_v = torch.zeros(long_len, hkv, dh)
+    dense_k[pos], dense_v[pos] = k_raw[: len(pos)], v[: len(pos)]
+    for q_len, use_ext in ((1, True), (1, False), (5, False)):
+        qpos = torch.arange(long_len - q_len, long_len)
+        want = lambda_attention_dense(query[-q_len:], dense_k, dense_v, qpos, pattern=pattern, style=style,
+                                      inv_freq=inv, scale=dh**-0.5)
+        q_abs = rotate64(query[-q_len:], qpos, inv, style).float()
+        got = lambda_attention_absolute(q_abs, cache, table, [0, q_len], [long_len], pattern=pattern, style=style,
+                                        inv_freq=inv, scale=dh**-0.5, use_extension=use_ext)
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < 1e-5, (q_len, use_ext)
+
+
+def test_store_matches_vllm_cpu_layout():
+    """Our writer and vLLM's cpu_attn_reshape_and_cache (ISA "vec") fill the same bytes."""
+    ops = pytest.importorskip("vllm._custom_ops")
+    torch.manual_seed(random.randrange(1 << 30))
+    for dtype in (torch.float32, torch.bfloat16):
+        nb, h, bs, dh = 6, 2, 32, 64
+        ours, theirs = torch.zeros(nb, h, bs, 2 * dh, dtype=dtype), torch.zeros(nb, h, bs, 2 * dh, dtype=dtype)
+        slots = torch.randperm(nb * bs)[:77]
+        k, v = torch.randn(77, h, dh, dtype=dtype), torch.randn(77, h, dh, dtype=dtype)
+        store_kv_absolute(ours, slots, k, v)
+        kc, vc = theirs.view(nb, h, 2 * bs, dh).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, "vec", k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        assert torch.equal(ours, theirs)
+
+
+def test_extension_builds_here():
+    """On this project's machines (x86-64, g++) the C++ kernel must build: the torch
+    fallback would hide a broken build behind slower decoding."""
+    assert cpu_extension.decode_op() is not None
