@@ -11,7 +11,10 @@ torch prefill path; vLLM's full causal kernel on the same chunk for scale).
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -50,6 +53,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     hq, hkv, dh, bs, w = 9, 3, 64, 128, 8192
@@ -82,6 +86,11 @@ def main(argv=None) -> int:
         for name, ms in timings.items():
             rows.append((seq_len, n_q, name, ms))
             print(f"{seq_len:>7} tokens {n_q:>5} queries  {name:<36} {ms:8.3f} ms/layer", flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "cpu_attention_micro.json").write_text(json.dumps({
+        "threads": a.threads, "machine": platform.processor() or platform.machine(), "window": w,
+        "rows": [{"seq_len": n, "queries": q, "path": name, "ms_per_layer": ms} for n, q, name, ms in rows],
+    }, indent=1))
     return 0
 
 

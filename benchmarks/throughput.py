@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="stock,lminf,stock_swa")
     ap.add_argument("--stock-max-len", type=int, default=1 << 62,
                     help="skip stock full attention above this length (quadratic prefill)")
+    ap.add_argument("--batch-max-len", default="",
+                    help="skip long prompts at big batches, e.g. '4:8192' (batch 4 only up to 8K tokens)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-gib", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
             overrides["max_position_embeddings"] = max_len  # let stock accept the long prompts
         spec = {"lengths": [n for n in lengths if name != "stock" or n <= a.stock_max_len],
                 "batches": batches, "decode_tokens": a.decode_tokens,
-                "num_layers": cfg_json["num_hidden_layers"], "max_len_for": {}}
+                "num_layers": cfg_json["num_hidden_layers"],
+                "max_len_for": {b: int(n) for b, n in (kv.split(":") for kv in a.batch_max_len.split(",") if kv)}}
         engine = dict(max_model_len=max_len, dtype=a.dtype, max_num_batched_tokens=a.chunk,
                       max_num_seqs=max(batches), enable_prefix_caching=False, hf_overrides=overrides,
                       skip_tokenizer_init=True, enforce_eager=a.quick)  # compiled for real runs

@@ -55,3 +55,11 @@ def test_quality_quick(tmp_path):
     st, lm = res["settings"]["stock"]["ppl_buckets"], res["settings"]["G4_W64"]["ppl_buckets"]
     assert st["384-512"] != pytest.approx(lm["384-512"], rel=1e-3)
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_cpu_attention_micro_quick(tmp_path):
+    run("cpu_attention_micro.py", tmp_path)
+    rows = json.loads((tmp_path / "cpu_attention_micro.json").read_text())["rows"]
+    paths = {r["path"] for r in rows}
+    assert {"plugin (C++ decode)", "plugin (torch prefill)", "vLLM full causal"} <= paths
+    assert len(rows) == 12 and all(r["ms_per_layer"] > 0 for r in rows)

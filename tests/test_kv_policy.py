@@ -49,7 +49,7 @@ def same_outputs(a, b, tol=2e-4):
 
 
 def test_eviction_equals_keeping_every_block_and_never_reads_freed_blocks(model):
-    """Mixed lengths in one batch; chunked prefill; with freed blocks NaN-poisoned
+    """Mixed lengths in one batch; chunked prefill; with freed blocks poisoned
     after every step, outputs equal a run that keeps every block."""
     prompts = prompts_of([1500, 300, 40, 97])
     kept = probe(model, prompts, overrides=KEEP_ALL, max_tokens=20)

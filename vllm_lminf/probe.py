@@ -19,15 +19,23 @@ def kv_caches(llm) -> list[torch.Tensor]:
     return llm.llm_engine.model_executor.driver_worker.worker.model_runner.kv_caches
 
 
+POISON = 1.0e4
+
+
 def poison_free_blocks(llm) -> int:
-    """NaN-fill every block the pool currently holds free (freed middle blocks
-    included: their ids stay stale in the worker's block table)."""
+    """Fill every block the pool currently holds free (freed middle blocks included:
+    their ids stay stale in the worker's block table) with POISON.
+
+    POISON is huge but finite: read as a key or value it changes the output by orders of
+    magnitude, while a masked read stays harmless. (vLLM's own CPU kernel, which the
+    plugin uses for sequences inside the window, reads the unwritten tail of a partly
+    filled block and masks it; 0 * NaN would flag that legitimate read.)"""
     pool = kv_manager(llm).block_pool
     ids = [b.block_id for b in pool.free_block_queue.get_all_free_blocks() if not b.is_null]
     if ids:
         idx = torch.tensor(ids)
         for cache in kv_caches(llm):
-            cache[idx] = float("nan")
+            cache[idx] = POISON
     return len(ids)
 
 
