@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
 import re
 import tempfile
@@ -120,9 +121,9 @@ def main(argv=None) -> int:
         model = a.model_dir
     tok = AutoTokenizer.from_pretrained(model)
     trained = json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"]
-    docs = make_documents(tok, load_texts(None if a.quick else a.data_dir), a.ppl_len, a.docs)
+    docs = make_documents(tok, load_texts(None if a.quick else a.data_dir), a.ppl_len, a.docs) if a.ppl_len else []
     rng = random.Random(a.seed)
-    p_lengths = [int(x) for x in a.passkey_lengths.split(",")]
+    p_lengths = [int(x) for x in a.passkey_lengths.split(",") if x]
     passkeys = [(n, *make_passkey(tok, n, rng)) for n in p_lengths for _ in range(a.passkey_samples)]
     all_settings = settings(trained, a.quick)
     chosen = a.settings.split(",") if a.settings else list(all_settings)
@@ -137,7 +138,9 @@ def main(argv=None) -> int:
             overrides["max_position_embeddings"] = max_len
         engine = dict(max_model_len=max_len, dtype="bfloat16" if not a.quick else "float32",
                       hf_overrides=overrides, max_num_batched_tokens=2048, enable_prefix_caching=False)
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib)}
+        cores = os.cpu_count() or 1  # every core for the engine, every setting alike
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib), "OMP_NUM_THREADS": str(cores),
+               "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}
         # one engine per setting: the documents (prompt logprobs), then the passkeys
         script = ("from vllm import SamplingParams, TokensPrompt\n"
                   f"pk = llm.generate([TokensPrompt(prompt_token_ids=p) for p in {[p[1] for p in passkeys]!r}],"
@@ -146,9 +149,10 @@ def main(argv=None) -> int:
         out = run_engine(model, docs, engine=engine, plugin=plugin, env=env, timeout=6 * 3600,
                          sampling=dict(max_tokens=1, prompt_logprobs=0), script=script)
         ppl_out, pk_tokens = out["results"], out["extra"]
-        nll = torch.tensor([[-x for x in o["prompt_logprobs"][1:]] for o in ppl_out]).mean(0)  # position 1..N-1
-        buckets = {}
-        for s in range(0, a.ppl_len, a.bucket):
+        buckets, nll = {}, torch.zeros(0)
+        if ppl_out:
+            nll = torch.tensor([[-x for x in o["prompt_logprobs"][1:]] for o in ppl_out]).mean(0)  # position 1..N-1
+        for s in range(0, a.ppl_len if ppl_out else 0, a.bucket):
             seg = nll[max(0, s - 1) : s + a.bucket - 1]
             buckets[f"{s}-{s + a.bucket}"] = float(torch.exp(seg.mean()))
         lminf = overrides.get("lm_infinite")
@@ -176,6 +180,17 @@ def main(argv=None) -> int:
 
 def report(result, out):
     names = list(result["settings"])
+    # target: every bucket past the trained length within 10% of the [L/2, L) level
+    trained = result["trained_length"]
+    for n in names:
+        b = result["settings"][n]["ppl_buckets"]
+        ref = [v for k, v in b.items() if int(k.split("-")[0]) >= trained // 2 and int(k.split("-")[1]) <= trained]
+        past = {k: v for k, v in b.items() if int(k.split("-")[0]) >= trained}
+        if ref and past:
+            level = sum(ref) / len(ref)
+            result["settings"][n]["worst_past_trained_over_half_trained"] = max(past.values()) / level
+            print(f"{n}: worst bucket past {trained} / [{trained // 2}, {trained}) = {max(past.values()) / level:.3f}")
+    (out / "quality.json").write_text(json.dumps(result, indent=1))
     buckets = list(result["settings"][names[0]]["ppl_buckets"])
     print(f"{'bucket':>13} " + " ".join(f"{n:>11}" for n in names))
     for b in buckets:

@@ -132,8 +132,9 @@ class DecodePlan:
     lo: torch.Tensor  # [S] first local key
     pos: torch.Tensor  # [S] query position
     n_glob: torch.Tensor  # [S] global keys outside the window
-    glob_cos: torch.Tensor  # [S, g_max, R/2]: rotation taking R(p) q to R(d + j) q
+    glob_cos: torch.Tensor  # [S, g_max, R/2]: rotation taking R(p) q to R(d + j) q, contiguous
     glob_sin: torch.Tensor
+    leading: bool = False  # token_index == 0..S-1 (the decode rows lead the batch)
 
     @classmethod
     def build(cls, rows: list[int], seq_lens: list[int], token_index: list[int], pattern: LambdaPattern,
@@ -145,7 +146,7 @@ class DecodePlan:
         c, s = absolute_cos_sin(pattern.distance_limit - pos[:, None] + j[None, :], inv_freq)
         return cls(torch.tensor(token_index, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64),
                    torch.tensor([pattern.local_start(s - 1) for s in seq_lens], dtype=torch.int64),
-                   pos, n_glob, c[:, :, None], s[:, :, None])
+                   pos, n_glob, c.contiguous(), s.contiguous(), list(token_index) == list(range(len(token_index))))
 
 
 def decode_rows(query, kv_cache, block_table, plan: DecodePlan, *, style, scale, out) -> bool:
@@ -154,10 +155,14 @@ def decode_rows(query, kv_cache, block_table, plan: DecodePlan, *, style, scale,
     op = decode_op()
     if op is None:
         return False
-    q = query.index_select(0, plan.token_index).to(torch.float32) * scale
-    g_max = plan.glob_cos.shape[1]
-    q_glob = rotate(q[:, None].expand(-1, g_max, -1, -1), plan.glob_cos, plan.glob_sin, style).contiguous()
-    res = op(q, q_glob, kv_cache, block_table, plan.rows, plan.lo, plan.pos, plan.n_glob, DECODE_CHUNK_TOKENS)
+    n = plan.token_index.shape[0]
+    every_row = plan.leading and n == query.shape[0]
+    q = (query if every_row else query.index_select(0, plan.token_index)).to(torch.float32).contiguous()
+    res = op(q, plan.glob_cos, plan.glob_sin, kv_cache, block_table, plan.rows, plan.lo, plan.pos, plan.n_glob,
+             scale, style.rotary_dim, style.neox, DECODE_CHUNK_TOKENS)
+    if every_row:
+        out.copy_(res)
+        return True
     out.index_copy_(0, plan.token_index, res.to(out.dtype))
     return True
 

@@ -130,15 +130,19 @@ def test_positions_past_one_million():
     slots = table[0][pos // bs].long() * bs + pos % bs
     store_kv_absolute(cache, slots, rotate64(k_raw[: len(pos)], pos, inv, style).float(), v[: len(pos)])
     query = torch.randn(5, hq, dh)
-    # reference: dense over exactly those tokens, positions kept
+    # reference: the same global and window tokens in a short sequence (a gap of unread
+    # zeros between them); Λ distances depend only on p - j and d, not on the position
     from lminf_kernels.naive import lambda_attention_dense
-    dense_k = torch.zeros(long_len, hkv, dh)
-    dense_v = torch.zeros(long_len, hkv, dh)
-    dense_k[pos], dense_v[pos] = k_raw[: len(pos)], v[: len(pos)]
+    gap = 50
+    short_len = 10 + gap + (long_len - lo)
+    dense_k = torch.zeros(short_len, hkv, dh)
+    dense_v = torch.zeros(short_len, hkv, dh)
+    short_pos = torch.cat([torch.arange(10), torch.arange(lo, long_len) - lo + 10 + gap])
+    dense_k[short_pos], dense_v[short_pos] = k_raw[: len(pos)], v[: len(pos)]
     for q_len, use_ext in ((1, True), (1, False), (5, False)):
         qpos = torch.arange(long_len - q_len, long_len)
-        want = lambda_attention_dense(query[-q_len:], dense_k, dense_v, qpos, pattern=pattern, style=style,
-                                      inv_freq=inv, scale=dh**-0.5)
+        want = lambda_attention_dense(query[-q_len:], dense_k, dense_v, qpos - long_len + short_len, pattern=pattern,
+                                      style=style, inv_freq=inv, scale=dh**-0.5)
         q_abs = rotate64(query[-q_len:], qpos, inv, style).float()
         got = lambda_attention_absolute(q_abs, cache, table, [0, q_len], [long_len], pattern=pattern, style=style,
                                         inv_freq=inv, scale=dh**-0.5, use_extension=use_ext)

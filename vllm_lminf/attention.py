@@ -2,7 +2,8 @@
 
 Every supported attention module computes `q, k = self.rotary_emb(positions, q, k)`
 then `self.attn(q, k, v)`. We keep that forward untouched and swap two children:
-  - `rotary_emb` becomes a pass-through that keeps the stock module's frequencies
+  - `rotary_emb` becomes `AbsoluteRotary` on the CPU fast path (RoPE at absolute
+    positions with float64 angles, inside the compiled graph) or else a pass-through
     (keys reach the cache unrotated; rotation happens in the backend), and
   - `attn` becomes `LMInfAttention`, built with the same prefix, on our backend.
 """
@@ -20,7 +21,9 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 from vllm.model_executor.layers.rotary_embedding.linear_scaling_rope import LinearScalingRotaryEmbedding
 from vllm.model_executor.layers.rotary_embedding.llama3_rope import Llama3RotaryEmbedding
 
-from .backend import LMInfAttentionBackend, RotarySource
+from lminf_kernels.rope import rotate
+
+from .backend import LMInfAttentionBackend, RotarySource, absolute_path_supported
 
 
 class RawKeyRotary(nn.Module):
@@ -34,6 +37,31 @@ class RawKeyRotary(nn.Module):
 
     def forward(self, positions, query, key=None):
         return query, key
+
+
+class AbsoluteRotary(nn.Module):
+    """RoPE at each token's absolute position, angles taken in float64 (stock's float32
+    table loses ~0.06 rad at position 10^6). Used by the CPU fast path, whose cache holds
+    keys rotated this way; runs inside the model's compiled graph."""
+
+    def __init__(self, source: nn.Module, style: RopeStyle, inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        self.head_size = source.head_size
+        self.rotary_dim = source.rotary_dim
+        self.is_neox_style = source.is_neox_style
+        self.style = style
+        self.inv_freq64 = inv_freq.to(torch.float64)  # an attribute, not a buffer: never cast by .to(dtype)
+
+    def forward(self, positions, query, key=None):
+        angles = positions.to(torch.float64)[:, None] * self.inv_freq64[None, :]
+        cos, sin = angles.cos().to(torch.float32)[:, None], angles.sin().to(torch.float32)[:, None]
+
+        def rot(x):
+            shape = x.shape
+            x = x.view(shape[0], -1, self.head_size)
+            return rotate(x, cos, sin, self.style).to(x.dtype).view(shape)
+
+        return rot(query), None if key is None else rot(key)
 
 
 def rotary_frequencies(rotary: nn.Module) -> torch.Tensor:
@@ -96,11 +124,13 @@ def install(model: nn.Module, vllm_config: VllmConfig, *, pattern: LambdaPattern
         if clex is not None:
             source = RotarySource(style=style, inv_freq=torch.empty(0), clex=clex)
         else:
-            source = RotarySource(style=style, inv_freq=rotary_frequencies(rope))
+            inv_freq = rotary_frequencies(rope)
+            absolute = absolute_path_supported(stock.head_size, clex=False)
+            source = RotarySource(style=style, inv_freq=inv_freq, absolute=absolute)
         # The stock layer registered itself under this prefix; ours takes its place.
         del ctx[stock.layer_name]
         module.attn = LMInfAttention(stock, pattern=pattern, rotary=source, kv_spec_factory=kv_spec_factory)
-        module.rotary_emb = RawKeyRotary(rope)
+        module.rotary_emb = AbsoluteRotary(rope, style, source.inv_freq) if source.absolute else RawKeyRotary(rope)
         count += 1
     if count == 0:
         raise ValueError(f"vllm-lminf: found no attention layer to replace in {type(model).__name__}")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lminf_kernels.cpu_lambda import DecodePlan, absolute_cos_sin, lambda_attention_absolute
+from lminf_kernels.cpu_lambda import DecodePlan, lambda_attention_absolute
 from lminf_kernels.lambda_attention import lambda_paged_attention, store_kv
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
@@ -86,6 +86,7 @@ class RotarySource:
     style: RopeStyle
     inv_freq: torch.Tensor
     clex: Any = None  # vllm_lminf.clex_runtime.ClexFrequencies, set when the config asks for CLEX
+    absolute: bool = False  # CPU fast path: q/k arrive rotated at absolute positions (AbsoluteRotary)
 
     def frequencies(self, metadata: LMInfMetadata) -> torch.Tensor:
         if self.clex is None:
@@ -100,8 +101,6 @@ class RotarySource:
 class AbsoluteStep:
     """What every layer of one step shares on the absolute path."""
 
-    cos: torch.Tensor  # [T, 1, R/2] rotation of this step's tokens at their positions
-    sin: torch.Tensor
     inside: list[int]  # sequences that never leave the window: vLLM's kernel
     beyond: list[int]  # the others: ours
     vllm_batch: tuple | None  # (token index or None, query_start_loc, seq_lens, block_table, scheduler metadata)
@@ -113,8 +112,6 @@ class AbsoluteStep:
         from vllm import envs
 
         qsl, lens, w = md.query_start_loc, md.seq_lens, impl.pattern.n_local
-        positions = torch.cat([torch.arange(s - (qsl[i + 1] - qsl[i]), s) for i, s in enumerate(lens)])
-        cos, sin = absolute_cos_sin(positions, inv_freq)
         # A sequence no longer than the window has no global branch and a window that
         # covers everything: plain causal attention.
         inside = [i for i, s in enumerate(lens) if s <= w]
@@ -139,7 +136,7 @@ class AbsoluteStep:
         plan = None
         if decode:
             plan = DecodePlan.build(decode, [lens[i] for i in decode], [qsl[i] for i in decode], impl.pattern, inv_freq)
-        return cls(cos[:, None], sin[:, None], inside, beyond, vllm_batch, plan)
+        return cls(inside, beyond, vllm_batch, plan)
 
 
 def _triton_kernel():
@@ -188,7 +185,7 @@ class LMInfAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         self.pattern = pattern
         self.rotary = rotary
-        self.absolute = absolute_path_supported(head_size, rotary)
+        self.absolute = rotary.absolute
 
     def forward(
         self,
@@ -236,14 +233,11 @@ class LMInfAttentionImpl(AttentionImpl):
     def _forward_absolute(self, query, key, value, kv_cache, md: LMInfMetadata, out) -> None:
         from vllm import _custom_ops as ops
 
-        from lminf_kernels.rope import rotate
-
         step = md.step_cache.get("absolute")
         if step is None:
             step = md.step_cache["absolute"] = AbsoluteStep.build(md, self, self.rotary.inv_freq, query.dtype)
         style = self.rotary.style
-        q = rotate(query, step.cos, step.sin, style).to(query.dtype)
-        k = rotate(key, step.cos, step.sin, style).to(key.dtype)
+        q, k = query, key  # rotated at their absolute positions by AbsoluteRotary
         num_blocks, hkv, bs, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(num_blocks, hkv, 2 * bs, -1).chunk(2, dim=2)
         ops.cpu_attn_reshape_and_cache(k, value.contiguous(), key_cache, value_cache, md.slot_mapping[: k.shape[0]],
@@ -270,11 +264,11 @@ class LMInfAttentionImpl(AttentionImpl):
         raise AssertionError("LMInfAttentionBackend stores K/V inside forward (forward_includes_kv_cache_update)")
 
 
-def absolute_path_supported(head_size: int, rotary: RotarySource) -> bool:
+def absolute_path_supported(head_size: int, *, clex: bool) -> bool:
     """The CPU fast path needs fixed frequencies (not CLEX), vLLM's x86 CPU kernels and a
     head size their "vec" layout takes."""
     return (
-        rotary.clex is None
+        not clex
         and current_platform.is_cpu()
         and current_platform.get_cpu_architecture() == CpuArchEnum.X86
         and head_size % 32 == 0

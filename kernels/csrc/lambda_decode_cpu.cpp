@@ -1,9 +1,9 @@
 // Λ-attention decode on the CPU, reading vLLM's CPU ("vec" ISA) paged cache layout.
 //
-// One query token per sequence. Keys in the cache are rotated at their absolute
-// position; the caller passes the query rotated at its own position (local span) and,
-// for each global key j, the query rotated so that <q_glob[j], key_j> is the logit at
-// the clamped distance. Per (block, kv head) the cache holds B*D key elements stored
+// One query token per sequence. Keys in the cache and the query are rotated at their
+// absolute positions, so a local logit is <q, key>; for global key j the kernel rotates
+// the query further by (d - p + j) (cos/sin given per sequence and key), which puts the
+// pair at the clamped distance d. Per (block, kv head) the cache holds B*D key elements stored
 // dim-major ([D][B]) followed by B*D value elements token-major ([B][D]).
 //
 // Work is split over (sequence, kv head, key chunk); chunks keep (max, sum, acc) and
@@ -215,17 +215,19 @@ inline void absorb(int group, int D, int B, int n, float* s, const T* v, Partial
 }
 
 template <typename T>
-void decode_impl(const at::Tensor& q_loc, const at::Tensor& q_glob, const at::Tensor& kv_cache,
-                 const at::Tensor& block_table, const at::Tensor& rows, const at::Tensor& lo,
-                 const at::Tensor& pos, const at::Tensor& n_glob, at::Tensor& out, int64_t chunk_tokens) {
+void decode_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Tensor& glob_sin,
+                 const at::Tensor& kv_cache, const at::Tensor& block_table, const at::Tensor& rows,
+                 const at::Tensor& lo, const at::Tensor& pos, const at::Tensor& n_glob, at::Tensor& out,
+                 float scale, int64_t rotary_dim, bool neox, int64_t chunk_tokens) {
   const int64_t S = q_loc.size(0), Hq = q_loc.size(1), D = q_loc.size(2);
   const int64_t Hkv = kv_cache.size(1), B = kv_cache.size(2);
   const int64_t group = Hq / Hkv;
-  const int64_t Gmax = q_glob.size(1);
+  const int64_t Gmax = glob_cos.size(1), half = rotary_dim / 2;
   const int64_t bt_stride = block_table.stride(0);
   const T* cache = kv_cache.data_ptr<T>();
   const float* ql = q_loc.data_ptr<float>();
-  const float* qg = q_glob.data_ptr<float>();
+  const float* gc = glob_cos.data_ptr<float>();
+  const float* gs = glob_sin.data_ptr<float>();
   const int32_t* bt = block_table.data_ptr<int32_t>();
   const int64_t* row = rows.data_ptr<int64_t>();
   const int64_t* lo_p = lo.data_ptr<int64_t>();
@@ -247,6 +249,7 @@ void decode_impl(const at::Tensor& q_loc, const at::Tensor& q_glob, const at::Te
 
   at::parallel_for(0, ntasks, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<float> s(static_cast<size_t>(group * B));
+    std::vector<float> qs(static_cast<size_t>(group * D)), qr(static_cast<size_t>(D));
     for (int64_t task = t_begin; task < t_end; ++task) {
       const int64_t seq = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
       const int64_t local = task - first_task[seq];
@@ -259,7 +262,9 @@ void decode_impl(const at::Tensor& q_loc, const at::Tensor& q_glob, const at::Te
       }
       std::fill(part.acc, part.acc + group * D, 0.0f);
       const int32_t* trow = bt + row[seq] * bt_stride;
-      const float* q = ql + (seq * Hq + h * group) * D;
+      const float* q_raw = ql + (seq * Hq + h * group) * D;
+      for (int64_t x = 0; x < group * D; ++x) qs[x] = q_raw[x] * scale;
+      const float* q = qs.data();
       const int64_t p = pos_p[seq], l0 = lo_p[seq];
       const int64_t b_first = l0 / B + chunk * cb;
       const int64_t b_last = std::min(p / B, b_first + cb - 1);
@@ -278,11 +283,20 @@ void decode_impl(const at::Tensor& q_loc, const at::Tensor& q_glob, const at::Te
       for (int64_t bj = 0; chunk == 0 && bj * B < nglob; ++bj) {
         const int n = static_cast<int>(std::min(nglob - bj * B, B));
         const T* kb = cache + trow[bj] * blk_stride + h * head_stride;
-        for (int64_t g = 0; g < group; ++g) {
-          for (int i = 0; i < n; ++i) {
-            const float* qj = qg + ((seq * Gmax + bj * B + i) * Hq + h * group + g) * D;
+        for (int i = 0; i < n; ++i) {
+          // the query rotated by (d - p + j): seen at the clamped distance from key j
+          const float* c = gc + (seq * Gmax + bj * B + i) * half;
+          const float* sn = gs + (seq * Gmax + bj * B + i) * half;
+          for (int64_t g = 0; g < group; ++g) {
+            const float* x = q + g * D;
+            std::copy(x, x + D, qr.begin());
+            for (int64_t r = 0; r < half; ++r) {
+              const int64_t a = neox ? r : 2 * r, b = neox ? r + half : 2 * r + 1;
+              qr[a] = x[a] * c[r] - x[b] * sn[r];
+              qr[b] = x[b] * c[r] + x[a] * sn[r];
+            }
             float acc = 0.0f;
-            for (int64_t d = 0; d < D; ++d) acc += qj[d] * to_f(kb[d * B + i]);
+            for (int64_t d = 0; d < D; ++d) acc += qr[d] * to_f(kb[d * B + i]);
             s[g * B + i] = acc;
           }
         }
@@ -320,36 +334,44 @@ void decode_impl(const at::Tensor& q_loc, const at::Tensor& q_glob, const at::Te
   });
 }
 
-at::Tensor lambda_decode(const at::Tensor& q_loc, const at::Tensor& q_glob, const at::Tensor& kv_cache,
-                         const at::Tensor& block_table, const at::Tensor& rows, const at::Tensor& lo,
-                         const at::Tensor& pos, const at::Tensor& n_glob, int64_t chunk_tokens) {
-  TORCH_CHECK(q_loc.dim() == 3 && q_loc.scalar_type() == at::kFloat && q_loc.is_contiguous(),
-              "q_loc must be a contiguous float32 [S, Hq, D] tensor");
-  TORCH_CHECK(q_glob.dim() == 4 && q_glob.scalar_type() == at::kFloat && q_glob.is_contiguous(),
-              "q_glob must be a contiguous float32 [S, G, Hq, D] tensor");
+at::Tensor lambda_decode(const at::Tensor& q, const at::Tensor& glob_cos, const at::Tensor& glob_sin,
+                         const at::Tensor& kv_cache, const at::Tensor& block_table, const at::Tensor& rows,
+                         const at::Tensor& lo, const at::Tensor& pos, const at::Tensor& n_glob, double scale,
+                         int64_t rotary_dim, bool neox, int64_t chunk_tokens) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "q must be a contiguous float32 [S, Hq, D] tensor");
+  TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= q.size(2), "rotary_dim must be even, <= head size");
+  for (const at::Tensor* t : {&glob_cos, &glob_sin})
+    TORCH_CHECK(t->dim() == 3 && t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == q.size(0) &&
+                    t->size(2) == rotary_dim / 2 && t->sizes() == glob_cos.sizes(),
+                "glob_cos/glob_sin must be contiguous float32 [S, G, rotary_dim / 2]");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(), "kv_cache must be contiguous [N, Hkv, B, 2D]");
-  TORCH_CHECK(kv_cache.size(3) == 2 * q_loc.size(2), "kv_cache last dim must be 2 * head size");
-  TORCH_CHECK(q_loc.size(1) % kv_cache.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(kv_cache.size(3) == 2 * q.size(2), "kv_cache last dim must be 2 * head size");
+  TORCH_CHECK(q.size(1) % kv_cache.size(1) == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.stride(1) == 1, "block_table must be int32, rows contiguous");
   for (const at::Tensor* t : {&rows, &lo, &pos, &n_glob})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == q_loc.size(0),
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == q.size(0),
                 "rows/lo/pos/n_glob must be contiguous int64 [S]");
-  at::Tensor out = at::empty(q_loc.sizes(), q_loc.options());
-  if (q_loc.size(0) == 0) return out;
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (q.size(0) == 0) return out;
+  const float sc = static_cast<float>(scale);
+#define LMINF_CALL(T) decode_impl<T>(q, glob_cos, glob_sin, kv_cache, block_table, rows, lo, pos, n_glob, out, sc, rotary_dim, neox, chunk_tokens)
   switch (kv_cache.scalar_type()) {
-    case at::kFloat: decode_impl<float>(q_loc, q_glob, kv_cache, block_table, rows, lo, pos, n_glob, out, chunk_tokens); break;
-    case at::kBFloat16: decode_impl<c10::BFloat16>(q_loc, q_glob, kv_cache, block_table, rows, lo, pos, n_glob, out, chunk_tokens); break;
-    case at::kHalf: decode_impl<c10::Half>(q_loc, q_glob, kv_cache, block_table, rows, lo, pos, n_glob, out, chunk_tokens); break;
+    case at::kFloat: LMINF_CALL(float); break;
+    case at::kBFloat16: LMINF_CALL(c10::BFloat16); break;
+    case at::kHalf: LMINF_CALL(c10::Half); break;
     default: TORCH_CHECK(false, "kv_cache dtype must be float32, bfloat16 or float16");
   }
+#undef LMINF_CALL
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(lminf_cpu, m) {
-  m.def("lambda_decode(Tensor q_loc, Tensor q_glob, Tensor kv_cache, Tensor block_table, Tensor rows, "
-        "Tensor lo, Tensor pos, Tensor n_glob, int chunk_tokens) -> Tensor");
+  m.def("lambda_decode(Tensor q, Tensor glob_cos, Tensor glob_sin, Tensor kv_cache, Tensor block_table, "
+        "Tensor rows, Tensor lo, Tensor pos, Tensor n_glob, float scale, int rotary_dim, bool neox, "
+        "int chunk_tokens) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lminf_cpu, CPU, m) { m.impl("lambda_decode", &lambda_decode); }
