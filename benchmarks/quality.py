@@ -204,19 +204,26 @@ def report(result, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    has_ppl = any(result["settings"][n]["ppl_buckets"] for n in names)
+    has_pk = any(result["settings"][n]["passkey"] for n in names)
+    panels = [p for p, on in (("ppl", has_ppl), ("pk", has_pk)) if on]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    ax = dict(zip(panels, axes[0]))
     for n in names:
         s = result["settings"][n]
-        ys = list(s["ppl_buckets"].values())
-        xs = [int(b.split("-")[0]) for b in s["ppl_buckets"]]
-        ax1.plot(xs, ys, "o-", label=n)
-        pk = s["passkey"]
-        ax2.plot([int(k) for k in pk], list(pk.values()), "s-", label=n)
-    ax1.axvline(result["trained_length"], color="gray", ls=":")
-    ax1.set(yscale="log", xlabel="position (bucket start)", ylabel="perplexity", title="perplexity by position")
-    ax2.set(xscale="log", xlabel="prompt length", ylabel="passkey accuracy", title="passkey retrieval", ylim=(-0.05, 1.05))
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
+        if has_ppl:
+            ax["ppl"].plot([int(b.split("-")[0]) for b in s["ppl_buckets"]], list(s["ppl_buckets"].values()), "o-", label=n)
+        if has_pk:
+            pk = s["passkey"]
+            ax["pk"].plot([int(k) for k in pk], list(pk.values()), "s-", label=n)
+    if has_ppl:
+        ax["ppl"].axvline(result["trained_length"], color="gray", ls=":")
+        ax["ppl"].set(yscale="log", xlabel="position (bucket start)", ylabel="perplexity", title="perplexity by position")
+        ax["ppl"].legend(fontsize=7)
+    if has_pk:
+        ax["pk"].set(xscale="log", xlabel="prompt length", ylabel="passkey accuracy", title="passkey retrieval",
+                     ylim=(-0.05, 1.05))
+        ax["pk"].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "quality.png", dpi=110)
 
