@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .cpu_extension import decode_op
-from .lambda_attention import DEFAULT_QUERY_TILE, _dense, _flash, _merge
+from .lambda_attention import DEFAULT_QUERY_TILE, _dense, _flash, _merge, band_mask
 from .pattern import LambdaPattern
 from .rope import RopeStyle, rotate
 
@@ -100,12 +100,7 @@ def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale
         lo = pattern.local_start(pa)
         k_loc = k_span[:, lo - span_lo : pb + 1 - span_lo]
         v_loc = v_span[:, lo - span_lo : pb + 1 - span_lo]
-        mask = None
-        if tq > 1:
-            rel_q = torch.arange(pa - lo, pb - lo + 1)[:, None]
-            rel_k = torch.arange(pb + 1 - lo)[None, :]
-            visible = (rel_k <= rel_q) & (rel_k > rel_q - pattern.n_local)
-            mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(group, 1)
+        mask = band_mask(pa, pb, lo, pattern.n_local, group) if tq > 1 else None
         # torch's fused kernel only pays off for many queries (and mishandles one key)
         res, lse = (_flash if tq > 1 else _dense)(q_heads, k_loc, v_loc, mask, scale)
         g_hi = pattern.global_end(pb)

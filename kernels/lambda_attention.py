@@ -71,6 +71,15 @@ def _dense(q, k, v, mask, scale):
     return torch.bmm(torch.exp(s - lse[..., None]), v), lse
 
 
+def band_mask(pa: int, pb: int, lo: int, n_local: int, group: int) -> torch.Tensor:
+    """Additive mask [group * T, pb + 1 - lo] for queries pa..pb over keys lo..pb: the
+    query at position p sees keys (p - n_local, p]; rows are (head, token)."""
+    rel_q = torch.arange(pa - lo, pb - lo + 1)[:, None]
+    rel_k = torch.arange(pb + 1 - lo)[None, :]
+    visible = (rel_k <= rel_q) & (rel_k > rel_q - n_local)
+    return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(group, 1)
+
+
 def _merge(o1, lse1, o2, lse2):
     """Combine two partial softmaxes over disjoint key sets (lse2 may be -inf)."""
     m = torch.maximum(lse1, lse2)
@@ -137,18 +146,11 @@ def lambda_paged_attention(
             q_heads = q.view(tq, hkv, group, dh).permute(1, 2, 0, 3)
 
             lo = pattern.local_start(pa)
-            n_keys = pb + 1 - lo
             k_rot = k_span[:, lo - span_lo : pb + 1 - span_lo]
             v_loc = v_span[:, lo - span_lo : pb + 1 - span_lo]
             q_loc = rotate(q_heads, kc[pa - span_lo : pb + 1 - span_lo], ks[pa - span_lo : pb + 1 - span_lo],
                            style).reshape(hkv, group * tq, dh)
-            mask = None
-            if tq > 1:
-                # query at relative position r sees keys (r - W, r]; rows are (head, token)
-                rel_q = torch.arange(pa - lo, pb - lo + 1)[:, None]
-                rel_k = torch.arange(n_keys)[None, :]
-                visible = (rel_k <= rel_q) & (rel_k > rel_q - pattern.n_local)
-                mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(group, 1)
+            mask = band_mask(pa, pb, lo, pattern.n_local, group) if tq > 1 else None
             fn = attend if tq > 1 else _dense  # the fused kernel only pays off for many queries
             res, lse = fn(q_loc, k_rot, v_loc, mask, scale)
 
