@@ -23,7 +23,7 @@ import torch
 from .cpu_extension import decode_op
 from .lambda_attention import DEFAULT_QUERY_TILE, _dense, _flash, _merge, band_mask
 from .pattern import LambdaPattern
-from .rope import RopeStyle, rotate
+from .rope import RopeStyle, cos_sin, rotate
 
 # Keys per work item of the C++ decode kernel (a long window is split across cores).
 DECODE_CHUNK_TOKENS = 1024
@@ -31,8 +31,8 @@ DECODE_CHUNK_TOKENS = 1024
 
 def absolute_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 cos/sin of positions * inv_freq with the product taken in float64."""
-    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(torch.float64)
-    return angles.cos().to(torch.float32), angles.sin().to(torch.float32)
+    c, s = cos_sin(positions, inv_freq.to(torch.float64))
+    return c.to(torch.float32), s.to(torch.float32)
 
 
 def cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

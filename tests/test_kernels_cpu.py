@@ -13,7 +13,7 @@ from lminf_kernels.cpu_lambda import cache_views, lambda_attention_absolute, sto
 from lminf_kernels.naive import lambda_paged_attention_naive
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
-from test_kernels_torch import CASES, build_paged, make_inv_freq, poison_unread_blocks, rel_err
+from test_kernels_torch import CASES, build_paged, case_inputs, make_inv_freq, poison_unread_blocks, rel_err
 
 
 def rotate64(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, style: RopeStyle) -> torch.Tensor:
@@ -68,17 +68,9 @@ def absolute_queries(query, qsl, seq_lens, inv, style):
 @pytest.mark.parametrize("neox", [True, False])
 @pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
 def test_absolute_path_matches_naive(case, neox, use_extension):
-    torch.manual_seed(random.randrange(1 << 30))
-    seq_lens, q_lens, pattern, bs, tile = case
-    hq, hkv, dh = 6, 2, 16
-    style = RopeStyle(12 if not neox else 16, neox)
-    raw, table = build_paged(seq_lens, hkv, dh, bs)
-    qsl = [0]
-    for n in q_lens:
-        qsl.append(qsl[-1] + n)
-    query = torch.randn(qsl[-1], hq, dh)
-    inv = make_inv_freq(style.rotary_dim)
-    kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=dh**-0.5)
+    seq_lens, q_lens, pattern, _, tile = case
+    raw, table, qsl, query, kw = case_inputs(case, neox)
+    style, inv = kw["style"], kw["inv_freq"]
     want = lambda_paged_attention_naive(query, raw, table, qsl, seq_lens, **kw)
     cache = poison_unread_whole_blocks(to_absolute_layout(raw, table, seq_lens, inv, style), table, seq_lens, q_lens, pattern)
     got = lambda_attention_absolute(absolute_queries(query, qsl, seq_lens, inv, style), cache, table, qsl, seq_lens,

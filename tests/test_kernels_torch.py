@@ -156,11 +156,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("neox", [True, False])
-@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
-def test_fast_matches_naive(case, neox):
+def case_inputs(case, neox):
+    """Fresh random inputs for one CASES entry: (raw cache, table, qsl, query, kw); kw holds
+    the pattern, rotary style (partial rotary for GPT-J), frequencies and scale."""
     torch.manual_seed(random.randrange(1 << 30))
-    seq_lens, q_lens, pattern, bs, tile = case
+    seq_lens, q_lens, pattern, bs, _ = case
     hq, hkv, dh = 6, 2, 16
     style = RopeStyle(12 if not neox else 16, neox)
     cache, table = build_paged(seq_lens, hkv, dh, bs)
@@ -168,8 +168,15 @@ def test_fast_matches_naive(case, neox):
     for n in q_lens:
         qsl.append(qsl[-1] + n)
     query = torch.randn(qsl[-1], hq, dh)
-    inv = make_inv_freq(style.rotary_dim)
-    kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=dh**-0.5)
+    kw = dict(pattern=pattern, style=style, inv_freq=make_inv_freq(style.rotary_dim), scale=dh**-0.5)
+    return cache, table, qsl, query, kw
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_fast_matches_naive(case, neox):
+    seq_lens, q_lens, pattern, _, tile = case
+    cache, table, qsl, query, kw = case_inputs(case, neox)
     want = lambda_paged_attention_naive(query, cache, table, qsl, seq_lens, **kw)
     poisoned = poison_unread_blocks(cache, table, seq_lens, q_lens, pattern)
     got = lambda_paged_attention(query, poisoned, table, qsl, seq_lens, query_tile=tile, **kw)

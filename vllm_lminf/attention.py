@@ -21,6 +21,7 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 from vllm.model_executor.layers.rotary_embedding.linear_scaling_rope import LinearScalingRotaryEmbedding
 from vllm.model_executor.layers.rotary_embedding.llama3_rope import Llama3RotaryEmbedding
 
+from lminf_kernels.cpu_lambda import absolute_cos_sin
 from lminf_kernels.rope import rotate
 
 from .backend import LMInfAttentionBackend, RotarySource, absolute_path_supported
@@ -53,8 +54,8 @@ class AbsoluteRotary(nn.Module):
         self.inv_freq64 = inv_freq.to(torch.float64)  # an attribute, not a buffer: never cast by .to(dtype)
 
     def forward(self, positions, query, key=None):
-        angles = positions.to(torch.float64)[:, None] * self.inv_freq64[None, :]
-        cos, sin = angles.cos().to(torch.float32)[:, None], angles.sin().to(torch.float32)[:, None]
+        cos, sin = absolute_cos_sin(positions, self.inv_freq64)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
 
         def rot(x):
             shape = x.shape

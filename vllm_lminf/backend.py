@@ -185,7 +185,6 @@ class LMInfAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         self.pattern = pattern
         self.rotary = rotary
-        self.absolute = rotary.absolute
 
     def forward(
         self,
@@ -206,7 +205,7 @@ class LMInfAttentionImpl(AttentionImpl):
         n = attn_metadata.num_actual_tokens
         if n == 0:
             return output
-        if self.absolute:
+        if self.rotary.absolute:
             self._forward_absolute(query[:n], key[:n], value[:n], kv_cache, attn_metadata, output[:n])
             return output
         # raw keys: stored unrotated, rotated at clamped distances when read
@@ -236,15 +235,14 @@ class LMInfAttentionImpl(AttentionImpl):
         step = md.step_cache.get("absolute")
         if step is None:
             step = md.step_cache["absolute"] = AbsoluteStep.build(md, self, self.rotary.inv_freq, query.dtype)
-        style = self.rotary.style
-        q, k = query, key  # rotated at their absolute positions by AbsoluteRotary
+        # query and key arrive rotated at their absolute positions (AbsoluteRotary)
         num_blocks, hkv, bs, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(num_blocks, hkv, 2 * bs, -1).chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(k, value.contiguous(), key_cache, value_cache, md.slot_mapping[: k.shape[0]],
+        ops.cpu_attn_reshape_and_cache(key, value.contiguous(), key_cache, value_cache, md.slot_mapping[: key.shape[0]],
                                        CPU_ISA, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
         if step.vllm_batch is not None:
             tokens, sub_qsl, sub_lens, table, sched = step.vllm_batch
-            sub_q = q if tokens is None else q.index_select(0, tokens)
+            sub_q = query if tokens is None else query.index_select(0, tokens)
             sub_out = out if tokens is None else torch.empty_like(sub_q)
             ops.cpu_attention_with_kv_cache(
                 query=sub_q, key_cache=key_cache, value_cache=value_cache, output=sub_out,
@@ -255,7 +253,8 @@ class LMInfAttentionImpl(AttentionImpl):
                 out.index_copy_(0, tokens, sub_out)
         if step.beyond:
             lambda_attention_absolute(
-                q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, pattern=self.pattern, style=style,
+                query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, pattern=self.pattern,
+                style=self.rotary.style,
                 inv_freq=self.rotary.inv_freq, scale=self.scale, out=out, plan=step.decode_plan,
                 sequences=step.beyond,
             )
