@@ -101,9 +101,13 @@ def main(argv=None) -> int:
     ap.add_argument("--passkey-lengths", default="4096,8192,16384")
     ap.add_argument("--passkey-samples", type=int, default=20)
     ap.add_argument("--settings", default=None, help="comma list of setting names (default: all)")
+    ap.add_argument("--stock-max-len", type=int, default=None,
+                    help="stock vLLM skips passkey prompts longer than this (its prefill is quadratic)")
     ap.add_argument("--kv-gib", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path("runs/quality"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the parts already in OUT/quality.json (same protocol) and run the rest")
     a = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -122,58 +126,77 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(model)
     trained = json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"]
     docs = make_documents(tok, load_texts(None if a.quick else a.data_dir), a.ppl_len, a.docs) if a.ppl_len else []
-    rng = random.Random(a.seed)
     p_lengths = [int(x) for x in a.passkey_lengths.split(",") if x]
-    passkeys = [(n, *make_passkey(tok, n, rng)) for n in p_lengths for _ in range(a.passkey_samples)]
+    # one generator per length: a length's samples do not depend on which other lengths run
+    rngs = {n: random.Random(f"{a.seed}:{n}") for n in p_lengths}
+    passkeys = [(n, *make_passkey(tok, n, rngs[n])) for n in p_lengths for _ in range(a.passkey_samples)]
     all_settings = settings(trained, a.quick)
     chosen = a.settings.split(",") if a.settings else list(all_settings)
-    max_len = max([a.ppl_len] + p_lengths) + 16
+    unknown = [n for n in chosen if n not in all_settings]
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown}; allowed: {sorted(all_settings)}")
     a.out.mkdir(parents=True, exist_ok=True)
-    result = {"model": str(model), "trained_length": trained, "ppl_len": a.ppl_len, "docs": len(docs),
-              "bucket": a.bucket, "settings": {}}
-    for name in tqdm(chosen, desc="settings"):
+    protocol = {"model": str(model), "trained_length": trained, "ppl_len": a.ppl_len, "docs": len(docs),
+                "bucket": a.bucket, "passkey_samples": a.passkey_samples, "seed": a.seed}
+    result = dict(protocol, settings={})
+    saved = a.out / "quality.json"
+    if a.resume and saved.exists():
+        old = json.loads(saved.read_text())
+        differs = {k: (old.get(k), v) for k, v in protocol.items() if old.get(k) != v}
+        if differs:
+            raise SystemExit(f"--resume: {saved} was made with other settings {differs}; use another --out")
+        result = old
+    cores = os.cpu_count() or 1  # every core for the engine, every setting alike
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib), "OMP_NUM_THREADS": str(cores),
+           "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}
+
+    def engine_run(name, prompts, length, sampling):
+        """One fresh engine per (setting, part), sized for `length` tokens."""
         plugin, overrides = all_settings[name]
         overrides = dict(overrides)
-        if not plugin and max_len > trained:
-            overrides["max_position_embeddings"] = max_len
-        engine = dict(max_model_len=max_len, dtype="bfloat16" if not a.quick else "float32",
+        if not plugin and length > trained:
+            overrides["max_position_embeddings"] = length
+        engine = dict(max_model_len=length, dtype="bfloat16" if not a.quick else "float32",
                       hf_overrides=overrides, max_num_batched_tokens=2048, enable_prefix_caching=False)
-        cores = os.cpu_count() or 1  # every core for the engine, every setting alike
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib), "OMP_NUM_THREADS": str(cores),
-               "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}
-        # one engine per setting: the documents (prompt logprobs), then the passkeys
-        script = ("from vllm import SamplingParams, TokensPrompt\n"
-                  f"pk = llm.generate([TokensPrompt(prompt_token_ids=p) for p in {[p[1] for p in passkeys]!r}],"
-                  " SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)\n"
-                  "extra = [list(o.outputs[0].token_ids) for o in pk]\n")
-        out = run_engine(model, docs, engine=engine, plugin=plugin, env=env, timeout=6 * 3600,
-                         sampling=dict(max_tokens=1, prompt_logprobs=0), script=script)
-        ppl_out, pk_tokens = out["results"], out["extra"]
-        buckets, nll = {}, torch.zeros(0)
-        if ppl_out:
-            nll = torch.tensor([[-x for x in o["prompt_logprobs"][1:]] for o in ppl_out]).mean(0)  # position 1..N-1
-        for s in range(0, a.ppl_len if ppl_out else 0, a.bucket):
-            seg = nll[max(0, s - 1) : s + a.bucket - 1]
-            buckets[f"{s}-{s + a.bucket}"] = float(torch.exp(seg.mean()))
-        lminf = overrides.get("lm_infinite")
-        if lminf is not None:
-            lminf = dict(lminf)
-            lminf.setdefault("n_local", trained)
-        per_len, per_where = {}, {}
-        for (n, _ids, key, pos), toks in zip(passkeys, pk_tokens):
-            text = tok.decode(toks)
-            m = re.search(r"\d+", text)
-            ok = bool(m) and int(m.group()) == key
-            per_len.setdefault(str(n), []).append(ok)
-            per_where.setdefault(f"{n}:{where(pos, n, lminf)}", []).append(ok)
-        result["settings"][name] = {
-            "overrides": overrides, "ppl_buckets": buckets, "nll_curve": nll.tolist()[:: max(1, a.ppl_len // 512)],
-            "passkey": {k: sum(v) / len(v) for k, v in per_len.items()},
-            "passkey_by_position": {k: [sum(v), len(v)] for k, v in per_where.items()},
-        }
-        (a.out / "quality.json").write_text(json.dumps(result, indent=1))
-        tqdm.write(f"{name}: ppl {json.dumps({k: round(v, 1) for k, v in buckets.items()})} "
-                   f"passkey {result['settings'][name]['passkey']}")
+        return run_engine(model, prompts, engine=engine, plugin=plugin, env=env, timeout=6 * 3600, sampling=sampling)
+
+    # each part is saved as soon as it is done, so a long protocol can be resumed (--resume)
+    parts = [(n, "ppl", None) for n in chosen if docs]
+    parts += [(n, "passkey", L) for n in chosen for L in p_lengths
+              if all_settings[n][0] or a.stock_max_len is None or L <= a.stock_max_len]
+    for name, kind, length in tqdm(parts, desc="setting x part"):
+        plugin, overrides = all_settings[name]
+        entry = result["settings"].setdefault(name, {"overrides": overrides, "ppl_buckets": {}, "nll_curve": [],
+                                                     "passkey": {}, "passkey_by_position": {}})
+        if kind == "ppl":
+            if entry["ppl_buckets"]:
+                continue
+            out = engine_run(name, docs, a.ppl_len + 16, dict(max_tokens=1, prompt_logprobs=0))
+            nll = torch.tensor([[-x for x in o["prompt_logprobs"][1:]] for o in out]).mean(0)  # positions 1..N-1
+            for s in range(0, a.ppl_len, a.bucket):
+                seg = nll[max(0, s - 1) : s + a.bucket - 1]
+                entry["ppl_buckets"][f"{s}-{s + a.bucket}"] = float(torch.exp(seg.mean()))
+            entry["nll_curve"] = nll.tolist()[:: max(1, a.ppl_len // 512)]
+            tqdm.write(f"{name}: ppl {json.dumps({k: round(v, 1) for k, v in entry['ppl_buckets'].items()})}")
+        else:
+            if str(length) in entry["passkey"]:
+                continue
+            mine = [p for p in passkeys if p[0] == length]
+            out = engine_run(name, [p[1] for p in mine], length + 16, dict(max_tokens=8, temperature=0.0))
+            lminf = overrides.get("lm_infinite")
+            if lminf is not None:
+                lminf = dict(lminf)
+                lminf.setdefault("n_local", trained)
+            hits = []
+            for (n, _ids, key, pos), o in zip(mine, out):
+                m = re.search(r"\d+", tok.decode(o["tokens"]))
+                ok = bool(m) and int(m.group()) == key
+                hits.append(ok)
+                c = entry["passkey_by_position"].setdefault(f"{n}:{where(pos, n, lminf)}", [0, 0])
+                c[0], c[1] = c[0] + ok, c[1] + 1
+            entry["passkey"][str(length)] = sum(hits) / len(hits)
+            tqdm.write(f"{name}: passkey {length}: {sum(hits)}/{len(hits)}")
+        saved.write_text(json.dumps(result, indent=1))
     report(result, a.out)
     return 0
 
@@ -195,10 +218,14 @@ def report(result, out):
     print(f"{'bucket':>13} " + " ".join(f"{n:>11}" for n in names))
     for b in buckets:
         print(f"{b:>13} " + " ".join(f"{result['settings'][n]['ppl_buckets'][b]:>11.1f}" for n in names))
-    lens = list(result["settings"][names[0]]["passkey"])
+    lens = sorted({k for n in names for k in result["settings"][n]["passkey"]}, key=int)
     for n_ in lens:
         print(f"passkey {n_:>5} " + " ".join(f"{result['settings'][n]['passkey'].get(n_, float('nan')):>11.2f}"
                                            for n in names))
+    for n in names:
+        by_pos = result["settings"][n]["passkey_by_position"]
+        if by_pos:
+            print(f"passkey {n} by key position: " + ", ".join(f"{k} {c}/{t}" for k, (c, t) in by_pos.items()))
     import matplotlib
 
     matplotlib.use("Agg")

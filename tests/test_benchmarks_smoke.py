@@ -55,6 +55,11 @@ def test_quality_quick(tmp_path):
     st, lm = res["settings"]["stock"]["ppl_buckets"], res["settings"]["G4_W64"]["ppl_buckets"]
     assert st["384-512"] != pytest.approx(lm["384-512"], rel=1e-3)
     assert (tmp_path / "quality.png").stat().st_size > 0
+    # resuming into a file made under another protocol (here: another model) is refused, naming the field
+    env = dict(__import__("os").environ, **TEST_ENV)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--resume",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--resume" in proc.stderr and "'model'" in proc.stderr
 
 
 def test_cpu_attention_micro_quick(tmp_path):
