@@ -4,8 +4,8 @@ kernel (full causal and its sliding window of the same W) on the same cache.
 
     python benchmarks/cpu_attention_micro.py [--threads 2]
 
-Rows: one decode query at 8K / 32K / 64K; a 2048-query chunk at position 8K..10K (the
-torch prefill path; vLLM's full causal kernel on the same chunk for scale).
+Rows: one decode query at 8K / 32K / 64K; a 2048-query prefill chunk ending at 10K and
+at 32K (the plugin's C++ kernel and its torch fallback; vLLM's kernels on the same chunk).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lminf_kernels.cpu_lambda import DecodePlan, lambda_attention_absolute
+from lminf_kernels.cpu_lambda import QueryPlan, lambda_attention_absolute
 from lminf_kernels.lambda_attention import lambda_paged_attention
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     inv = 1.0 / 1e5 ** (torch.arange(0, dh, 2).float() / dh)
     style, pattern, scale = RopeStyle(dh, True), LambdaPattern(10, w, w), dh**-0.5
     rows = []
-    for seq_len, n_q in [(n, 1) for n in lengths] + [(w + chunk, chunk)]:
+    for seq_len, n_q in [(n, 1) for n in lengths] + [(w + chunk, chunk), (lengths[1], chunk)]:
         nb = -(-seq_len // bs)
         cache = torch.randn(nb + 1, hkv, bs, 2 * dh).to(torch.bfloat16)
         table = torch.arange(1, nb + 1, dtype=torch.int32)[None]
@@ -72,13 +72,12 @@ def main(argv=None) -> int:
         kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=scale, out=out)
         r = 1 if n_q > 1 else repeat
         timings = {}
-        if n_q == 1:
-            plan = DecodePlan.build([0], [seq_len], [0], pattern, inv)  # built once per step, shared by layers
-            timings["plugin (C++ decode)"] = wall_ms(
-                lambda: lambda_attention_absolute(query, cache, table, [0, 1], [seq_len], plan=plan, **kw), r)
-        else:
-            timings["plugin (torch prefill)"] = wall_ms(
-                lambda: lambda_attention_absolute(query, cache, table, [0, n_q], [seq_len], **kw), r)
+        plan = QueryPlan.build([0], [0, n_q], [seq_len], pattern, inv)  # built once per step, shared by layers
+        timings["plugin (C++)"] = wall_ms(
+            lambda: lambda_attention_absolute(query, cache, table, [0, n_q], [seq_len], plan=plan, **kw), r)
+        timings["plugin (torch fallback)"] = wall_ms(
+            lambda: lambda_attention_absolute(query, cache, table, [0, n_q], [seq_len], use_extension=False, **kw),
+            max(1, r // 4))
         timings["plugin raw keys (torch, CLEX path)"] = wall_ms(
             lambda: lambda_paged_attention(query, cache, table, [0, n_q], [seq_len], **kw), max(1, r // 4))
         timings["vLLM full causal"] = wall_ms(vllm_kernel(query, cache, table, seq_len, n_q, -1, scale), r)

@@ -1,7 +1,7 @@
-"""Builds and loads the C++ decode kernel (`csrc/lambda_decode_cpu.cpp`) on first use.
+"""Builds and loads the C++ Λ-attention kernel (`csrc/lambda_cpu.cpp`) on first use.
 
 Compiled with the local compiler for this CPU (`-march=native`) into torch's extension
-cache; later processes load the cached library. Where no compiler works, `decode_op()`
+cache; later processes load the cached library. Where no compiler works, `lambda_op()`
 returns None and callers use the torch path, which computes the same result.
 """
 
@@ -15,20 +15,20 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).resolve().parent / "csrc" / "lambda_decode_cpu.cpp"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "lambda_cpu.cpp"
 DISABLE_ENV = "LMINF_CPU_EXTENSION"  # "0" forces the torch path
 
 
 @functools.cache
-def decode_op():
-    """torch.ops.lminf_cpu.lambda_decode, or None (disabled or failed to build)."""
+def lambda_op():
+    """torch.ops.lminf_cpu.lambda_rows, or None (disabled or failed to build)."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load
 
         load(
-            name="lminf_cpu_decode",
+            name="lminf_cpu_lambda",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
             extra_ldflags=["-fopenmp"],
@@ -36,6 +36,6 @@ def decode_op():
             verbose=False,
         )
     except Exception as exc:  # no compiler, no headers: same results, slower
-        log.warning("vllm-lminf: C++ decode kernel unavailable (%s); using the torch path", exc)
+        log.warning("vllm-lminf: C++ kernel unavailable (%s); using the torch path", exc)
         return None
-    return torch.ops.lminf_cpu.lambda_decode
+    return torch.ops.lminf_cpu.lambda_rows

@@ -10,8 +10,9 @@ angle table), so
 A sequence that never leaves the window is plain causal attention over this cache, so
 callers may hand such rows to vLLM's own kernel.
 
-Decode rows (one query) go to the C++ kernel (`cpu_extension`); every other row, and
-decode rows when the kernel is unavailable, to the torch code below.
+Every row goes to the C++ kernel (`cpu_extension`, query-tiled for prefill chunks); the
+torch code below computes the same result where the kernel is unavailable, and is the
+second implementation the tests hold the kernel against.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu_extension import decode_op
+from .cpu_extension import lambda_op
 from .lambda_attention import DEFAULT_QUERY_TILE, _dense, _flash, _merge, band_mask
 from .pattern import LambdaPattern
 from .rope import RopeStyle, cos_sin, rotate
 
-# Keys per work item of the C++ decode kernel (a long window is split across cores).
-DECODE_CHUNK_TOKENS = 1024
+# Keys per work item of the C++ kernel when few query tiles must share the cores (decode:
+# one long window split across cores); with many tiles (prefill) each takes whole windows.
+SPLIT_CHUNK_TOKENS = 1024
+WHOLE_WINDOW_TILES = 64
+# Consecutive queries per tile (capped by the kernel at 16 query-head rows per kv head).
+QUERY_TILE = 16
 
 
 def absolute_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,42 +124,55 @@ def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale
 
 
 @dataclass
-class DecodePlan:
-    """Per-step inputs of the C++ decode kernel, shared by every layer of a step."""
+class QueryPlan:
+    """Per-step inputs of the C++ kernel for a set of query rows, shared by every layer."""
 
-    token_index: torch.Tensor  # [S] query row of each decoding sequence
-    rows: torch.Tensor  # [S] its block-table row
+    token_index: torch.Tensor  # [S] query rows, consecutive per sequence
+    rows: torch.Tensor  # [S] block-table row of each query
     lo: torch.Tensor  # [S] first local key
     pos: torch.Tensor  # [S] query position
     n_glob: torch.Tensor  # [S] global keys outside the window
     glob_cos: torch.Tensor  # [S, g_max, R/2]: rotation taking R(p) q to R(d + j) q, contiguous
     glob_sin: torch.Tensor
-    leading: bool = False  # token_index == 0..S-1 (the decode rows lead the batch)
+    chunk_tokens: int  # keys per kernel work item
+    leading: bool = False  # token_index == 0..S-1
 
     @classmethod
-    def build(cls, rows: list[int], seq_lens: list[int], token_index: list[int], pattern: LambdaPattern,
-              inv_freq: torch.Tensor) -> "DecodePlan":
-        pos = torch.tensor([s - 1 for s in seq_lens], dtype=torch.int64)
-        n_glob = torch.tensor([pattern.global_end(s - 1) for s in seq_lens], dtype=torch.int64)
-        g_max = int(n_glob.max()) if len(seq_lens) else 0
+    def build(cls, sequences: list[int], query_start_loc: list[int], seq_lens: list[int], pattern: LambdaPattern,
+              inv_freq: torch.Tensor) -> "QueryPlan":
+        counts = [query_start_loc[i + 1] - query_start_loc[i] for i in sequences]
+        token_index = torch.cat([torch.arange(query_start_loc[i], query_start_loc[i + 1]) for i in sequences]
+                                + [torch.zeros(0, dtype=torch.int64)])
+        rows = torch.repeat_interleave(torch.tensor(sequences, dtype=torch.int64),
+                                       torch.tensor(counts, dtype=torch.int64))
+        # a sequence's queries are its last tokens
+        pos = torch.cat([torch.arange(seq_lens[i] - c, seq_lens[i]) for i, c in zip(sequences, counts)]
+                        + [torch.zeros(0, dtype=torch.int64)])
+        past = pos - pattern.n_local + 1
+        lo = past.clamp(min=0)
+        n_glob = past.clamp(min=0, max=pattern.n_global)
+        g_max = int(n_glob.max()) if len(pos) else 0
         j = torch.arange(g_max, dtype=torch.int64)
         c, s = absolute_cos_sin(pattern.distance_limit - pos[:, None] + j[None, :], inv_freq)
-        return cls(torch.tensor(token_index, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64),
-                   torch.tensor([pattern.local_start(s - 1) for s in seq_lens], dtype=torch.int64),
-                   pos, n_glob, c.contiguous(), s.contiguous(), list(token_index) == list(range(len(token_index))))
+        tiles = sum(-(-n // QUERY_TILE) for n in counts)
+        chunk = SPLIT_CHUNK_TOKENS if tiles < WHOLE_WINDOW_TILES else 1 << 62
+        leading = torch.equal(token_index, torch.arange(len(token_index)))
+        return cls(token_index, rows, lo, pos, n_glob, c.contiguous(), s.contiguous(), chunk, leading)
 
 
-def decode_rows(query, kv_cache, block_table, plan: DecodePlan, *, style, scale, out) -> bool:
-    """One query per planned sequence through the C++ kernel. Returns False if the
-    kernel is unavailable (nothing written)."""
-    op = decode_op()
+def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, out) -> bool:
+    """The planned query rows through the C++ kernel. Returns False if the kernel is
+    unavailable (nothing written)."""
+    op = lambda_op()
     if op is None:
         return False
     n = plan.token_index.shape[0]
+    if n == 0:
+        return True
     every_row = plan.leading and n == query.shape[0]
     q = (query if every_row else query.index_select(0, plan.token_index)).to(torch.float32).contiguous()
     res = op(q, plan.glob_cos, plan.glob_sin, kv_cache, block_table, plan.rows, plan.lo, plan.pos, plan.n_glob,
-             scale, style.rotary_dim, style.neox, DECODE_CHUNK_TOKENS)
+             scale, style.rotary_dim, style.neox, plan.chunk_tokens, QUERY_TILE)
     if every_row:
         out.copy_(res)
         return True
@@ -176,7 +194,7 @@ def lambda_attention_absolute(
     out: torch.Tensor | None = None,
     query_tile: int = DEFAULT_QUERY_TILE,
     use_extension: bool = True,
-    plan: DecodePlan | None = None,
+    plan: QueryPlan | None = None,
     sequences: list[int] | None = None,
 ) -> torch.Tensor:
     """Λ attention for a batch (prefill chunks and decodes mixed).
@@ -185,28 +203,23 @@ def lambda_attention_absolute(
     owning rows query_start_loc[i]:query_start_loc[i+1], its queries being the last
     tokens of its seq_lens[i] tokens. kv_cache holds this step's keys already (rotated
     the same way, `store_kv_absolute`). inv_freq: [R/2] float32. plan: the step's
-    `DecodePlan` for its one-query rows (built here when not given). sequences: compute
-    only these (others' output rows are left untouched).
+    `QueryPlan` for exactly `sequences` (built here when not given). sequences: compute
+    only these (others' output rows are left untouched). use_extension=False: torch only.
     """
     if out is None:
         out = torch.empty_like(query)
     inv_freq = inv_freq.to(torch.float32)
     todo = range(len(seq_lens)) if sequences is None else sequences
-    decode = [i for i in todo if query_start_loc[i + 1] - query_start_loc[i] == 1]
-    done = set()
-    if decode and use_extension:
+    todo = [i for i in todo if query_start_loc[i + 1] > query_start_loc[i]]
+    if todo and use_extension:
         if plan is None:
-            plan = DecodePlan.build(decode, [seq_lens[i] for i in decode], [query_start_loc[i] for i in decode],
-                                    pattern, inv_freq)
+            plan = QueryPlan.build(todo, query_start_loc, seq_lens, pattern, inv_freq)
         if block_table.dtype != torch.int32:
             block_table = block_table.to(torch.int32)
-        if decode_rows(query, kv_cache, block_table, plan, style=style, scale=scale, out=out):
-            done = set(decode)
+        if kernel_rows(query, kv_cache, block_table, plan, style=style, scale=scale, out=out):
+            return out
     for i in todo:
-        seq_len = seq_lens[i]
         a, b = query_start_loc[i], query_start_loc[i + 1]
-        if b <= a or i in done:
-            continue
-        _torch_rows(query[a:b], kv_cache, block_table[i], seq_len - (b - a), pattern, style, inv_freq, scale,
+        _torch_rows(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, inv_freq, scale,
                     out[a:b], query_tile)
     return out

@@ -66,5 +66,5 @@ def test_cpu_attention_micro_quick(tmp_path):
     run("cpu_attention_micro.py", tmp_path)
     rows = json.loads((tmp_path / "cpu_attention_micro.json").read_text())["rows"]
     paths = {r["path"] for r in rows}
-    assert {"plugin (C++ decode)", "plugin (torch prefill)", "vLLM full causal"} <= paths
-    assert len(rows) == 12 and all(r["ms_per_layer"] > 0 for r in rows)
+    assert {"plugin (C++)", "plugin (torch fallback)", "vLLM full causal"} <= paths
+    assert len(rows) == 20 and all(r["ms_per_layer"] > 0 for r in rows)

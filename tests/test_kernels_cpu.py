@@ -1,5 +1,5 @@
 """The CPU fast path (vLLM's CPU cache layout, keys rotated at absolute positions, C++
-decode kernel) against the naive float64 reference. No vLLM engine needed."""
+kernel) against the naive float64 reference. No vLLM engine needed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from lminf_kernels import cpu_extension
+from lminf_kernels import cpu_extension, cpu_lambda
 from lminf_kernels.cpu_lambda import cache_views, lambda_attention_absolute, store_kv_absolute
 from lminf_kernels.naive import lambda_paged_attention_naive
 from lminf_kernels.pattern import LambdaPattern
@@ -79,6 +79,36 @@ def test_absolute_path_matches_naive(case, neox, use_extension):
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("whole_window_tiles", [0, 1 << 30], ids=["whole-window", "split"])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_prefill_tiles(group, whole_window_tiles, monkeypatch):
+    """Prefill chunks past the window through the C++ kernel's query tiles: a chunk that
+    is not a multiple of the tile, starting mid-block, beside a decode and a second chunk
+    that crosses the window edge; each key chunking of the kernel; GQA group 1, 3 and 8
+    (tiles of 16, 5 and 2 queries)."""
+    monkeypatch.setattr(cpu_lambda, "WHOLE_WINDOW_TILES", whole_window_tiles)
+    torch.manual_seed(random.randrange(1 << 30))
+    seq_lens, q_lens = [517, 300, 90], [203, 1, 77]
+    pattern = LambdaPattern(7, 64, 50)
+    hkv, dh, bs = 2, 32, 16
+    hq = hkv * group
+    style = RopeStyle(dh, True)
+    raw, table = build_paged(seq_lens, hkv, dh, bs)
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    query = torch.randn(qsl[-1], hq, dh)
+    inv = make_inv_freq(dh)
+    kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=dh**-0.5)
+    want = lambda_paged_attention_naive(query, raw, table, qsl, seq_lens, **kw)
+    cache = poison_unread_whole_blocks(to_absolute_layout(raw, table, seq_lens, inv, style), table, seq_lens, q_lens,
+                                       pattern)
+    got = lambda_attention_absolute(absolute_queries(query, qsl, seq_lens, inv, style), cache, table, qsl, seq_lens,
+                                    **kw)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 def test_low_precision_cache(dtype, tol):
     """bf16/fp16 caches and queries; a long decode window split across kernel chunks,
@@ -131,7 +161,7 @@ def test_positions_past_one_million():
     dense_v = torch.zeros(short_len, hkv, dh)
     short_pos = torch.cat([torch.arange(10), torch.arange(lo, long_len) - lo + 10 + gap])
     dense_k[short_pos], dense_v[short_pos] = k_raw[: len(pos)], v[: len(pos)]
-    for q_len, use_ext in ((1, True), (1, False), (5, False)):
+    for q_len, use_ext in ((1, True), (1, False), (5, True), (5, False)):
         qpos = torch.arange(long_len - q_len, long_len)
         want = lambda_attention_dense(query[-q_len:], dense_k, dense_v, qpos - long_len + short_len, pattern=pattern,
                                       style=style, inv_freq=inv, scale=dh**-0.5)
@@ -160,4 +190,4 @@ def test_store_matches_vllm_cpu_layout():
 def test_extension_builds_here():
     """On this project's machines (x86-64, g++) the C++ kernel must build: the torch
     fallback would hide a broken build behind slower decoding."""
-    assert cpu_extension.decode_op() is not None
+    assert cpu_extension.lambda_op() is not None

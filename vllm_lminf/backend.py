@@ -5,8 +5,8 @@ inherited from CPUAttentionBackend. Two ways to fill and read it:
   - absolute (the CPU fast path: plain RoPE or fixed scaling, x86, head size a multiple
     of 32): vLLM's own CPU layout with keys rotated at their absolute position (float64
     angles). Sequences that never leave the window are plain causal attention, so they
-    run on vLLM's own CPU kernel; decoding past the window runs our C++ kernel, longer
-    prefill chunks the torch path (`lminf_kernels.cpu_lambda`).
+    run on vLLM's own CPU kernel; the others (decodes and prefill chunks past the
+    window) our C++ kernel (`lminf_kernels.cpu_lambda`).
   - raw (CLEX, whose frequencies change per step, CUDA/Triton, anything else): keys
     stored unrotated, rotated at clamped distances when read (`lminf_kernels.lambda_attention`).
 """
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lminf_kernels.cpu_lambda import DecodePlan, lambda_attention_absolute
+from lminf_kernels.cpu_lambda import QueryPlan, lambda_attention_absolute
 from lminf_kernels.lambda_attention import lambda_paged_attention, store_kv
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
@@ -104,7 +104,7 @@ class AbsoluteStep:
     inside: list[int]  # sequences that never leave the window: vLLM's kernel
     beyond: list[int]  # the others: ours
     vllm_batch: tuple | None  # (token index or None, query_start_loc, seq_lens, block_table, scheduler metadata)
-    decode_plan: DecodePlan | None
+    plan: QueryPlan | None  # our kernel's inputs for the `beyond` rows
 
     @classmethod
     def build(cls, md: LMInfMetadata, impl: "LMInfAttentionImpl", inv_freq: torch.Tensor, dtype) -> "AbsoluteStep":
@@ -132,10 +132,7 @@ class AbsoluteStep:
                 sliding_window_size=-1, isa=CPU_ISA, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
             )
             vllm_batch = (tokens, sub_qsl, sub_lens, table, sched)
-        decode = [i for i in beyond if qsl[i + 1] - qsl[i] == 1]
-        plan = None
-        if decode:
-            plan = DecodePlan.build(decode, [lens[i] for i in decode], [qsl[i] for i in decode], impl.pattern, inv_freq)
+        plan = QueryPlan.build(beyond, qsl, lens, impl.pattern, inv_freq) if beyond else None
         return cls(inside, beyond, vllm_batch, plan)
 
 
@@ -255,7 +252,7 @@ class LMInfAttentionImpl(AttentionImpl):
             lambda_attention_absolute(
                 query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, pattern=self.pattern,
                 style=self.rotary.style,
-                inv_freq=self.rotary.inv_freq, scale=self.scale, out=out, plan=step.decode_plan,
+                inv_freq=self.rotary.inv_freq, scale=self.scale, out=out, plan=step.plan,
                 sequences=step.beyond,
             )
 

@@ -1,13 +1,17 @@
-// Λ-attention decode on the CPU, reading vLLM's CPU ("vec" ISA) paged cache layout.
+// Λ attention on the CPU, reading vLLM's CPU ("vec" ISA) paged cache layout.
 //
-// One query token per sequence. Keys in the cache and the query are rotated at their
-// absolute positions, so a local logit is <q, key>; for global key j the kernel rotates
-// the query further by (d - p + j) (cos/sin given per sequence and key), which puts the
-// pair at the clamped distance d. Per (block, kv head) the cache holds B*D key elements stored
-// dim-major ([D][B]) followed by B*D value elements token-major ([B][D]).
+// Input: query rows, each with its sequence's block-table row, its position p, its first
+// local key lo and its global-key count. Keys in the cache and the queries are rotated at
+// their absolute positions, so a local logit is <q, key>; for global key j the kernel
+// rotates the query further by (d - p + j) (cos/sin given per row and key), which puts the
+// pair at the clamped distance d. Per (block, kv head) the cache holds B*D key elements
+// stored dim-major ([D][B]) followed by B*D value elements token-major ([B][D]).
 //
-// Work is split over (sequence, kv head, key chunk); chunks keep (max, sum, acc) and
-// are merged at the end, so two cores share one long window even at batch 1.
+// Consecutive queries of one sequence (a prefill chunk) are grouped into tiles: a tile's
+// queries share the keys of the union of their windows, so every key loaded feeds
+// (queries x query heads per kv head) dot products; each query masks the keys outside its
+// own window. Work is split over (tile, kv head, key chunk); chunks keep (max, sum, acc)
+// per row and are merged at the end, so two cores share one long window even at batch 1.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -54,20 +58,20 @@ inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
 }
 inline __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 inline __mmask16 first_n(int n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
-constexpr int kMaxGroup = 8;  // query heads per kv head kept in registers at once
+constexpr int kMaxGroup = 16;  // rows (query x head) sharing a key kept in registers at once
 
 // Scores of GC query heads (q at stride D) for keys [i0, i0+16) of a dim-major block.
 template <int GC, typename T>
 inline void scores_tile(int D, int B, int i0, __mmask16 m, const float* q, const T* kd, float* s) {
   __m512 acc[GC];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int g = 0; g < GC; ++g) acc[g] = _mm512_setzero_ps();
   for (int d = 0; d < D; ++d) {
     const __m512 k = load16(kd + static_cast<int64_t>(d) * B + i0, m);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int g = 0; g < GC; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * D + d]), k, acc[g]);
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int g = 0; g < GC; ++g) _mm512_mask_storeu_ps(s + g * B + i0, m, acc[g]);
 }
 
@@ -75,14 +79,14 @@ inline void scores_tile(int D, int B, int i0, __mmask16 m, const float* q, const
 template <int GC, typename T>
 inline void values_tile(int D, int B, int n, int d0, __mmask16 m, const float* p, const T* v, float* out) {
   __m512 acc[GC];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int g = 0; g < GC; ++g) acc[g] = _mm512_setzero_ps();
   for (int i = 0; i < n; ++i) {
     const __m512 x = load16(v + static_cast<int64_t>(i) * D + d0, m);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int g = 0; g < GC; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * B + i]), x, acc[g]);
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int g = 0; g < GC; ++g) {
     float* dst = out + g * D + d0;
     _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), acc[g]));
@@ -98,7 +102,15 @@ inline void values_tile(int D, int B, int n, int d0, __mmask16 m, const float* p
     case 5: CALL(5); break;         \
     case 6: CALL(6); break;         \
     case 7: CALL(7); break;         \
-    default: CALL(8); break;        \
+    case 8: CALL(8); break;         \
+    case 9: CALL(9); break;         \
+    case 10: CALL(10); break;       \
+    case 11: CALL(11); break;       \
+    case 12: CALL(12); break;       \
+    case 13: CALL(13); break;       \
+    case 14: CALL(14); break;       \
+    case 15: CALL(15); break;       \
+    default: CALL(16); break;       \
   }
 
 // s[g*B + i] = sum_d q[g*D + d] * K[d*B + i] for i < n, g < group (K dim-major).
@@ -145,6 +157,8 @@ inline void block_values(int group, int D, int B, int n, const float* p, const T
       for (int d = 0; d < D; ++d) acc[g * D + d] += p[g * B + i] * to_f(v[static_cast<int64_t>(i) * D + d]);
 }
 #endif
+
+constexpr int64_t kMaxGroupRows = 16;  // query_tile is capped so a tile has at most this many rows
 
 struct Partial {
   float* m;    // [group]
@@ -198,27 +212,41 @@ inline float softmax_block(float* sg, int n, float& mx) {
 }
 #endif
 
-// Online-softmax update of each query head of a group with `n` keys whose scores are
-// in s[g*B + i] and values at v + i*D.
+// Online-softmax update of `rows` rows with `n` keys whose scores are in s[r*B + i] and
+// values at v + i*D. Row r sees only keys [v0[r], v1[r]); its other scores are zeroed so
+// they add exactly nothing to the values product.
 template <typename T>
-inline void absorb(int group, int D, int B, int n, float* s, const T* v, Partial& part) {
-  for (int g = 0; g < group; ++g) {
-    float mx = part.m[g];
-    const float sum = softmax_block(s + g * B, n, mx);
-    const float corr = part.m[g] == -std::numeric_limits<float>::infinity() ? 0.0f : exp_nonpos(part.m[g] - mx);
-    part.l[g] = part.l[g] * corr + sum;
-    part.m[g] = mx;
-    float* acc = part.acc + g * D;
+inline void absorb(int rows, int D, int B, int n, float* s, const T* v, const int* v0, const int* v1, Partial& part) {
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + r * B;
+    const int a = v0[r], b = v1[r];
+    if (a >= b) {
+      std::fill(sr, sr + n, 0.0f);
+      continue;
+    }
+    std::fill(sr, sr + a, 0.0f);
+    std::fill(sr + b, sr + n, 0.0f);
+    float mx = part.m[r];
+    const float sum = softmax_block(sr + a, b - a, mx);
+    const float corr = part.m[r] == -std::numeric_limits<float>::infinity() ? 0.0f : exp_nonpos(part.m[r] - mx);
+    part.l[r] = part.l[r] * corr + sum;
+    part.m[r] = mx;
+    float* acc = part.acc + r * D;
     for (int d = 0; d < D; ++d) acc[d] *= corr;
   }
-  block_values<T>(group, D, B, n, s, v, part.acc);
+  block_values<T>(rows, D, B, n, s, v, part.acc);
 }
 
+struct Tile {
+  int64_t first;  // first query row
+  int64_t count;  // consecutive positions of one sequence
+};
+
 template <typename T>
-void decode_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Tensor& glob_sin,
-                 const at::Tensor& kv_cache, const at::Tensor& block_table, const at::Tensor& rows,
-                 const at::Tensor& lo, const at::Tensor& pos, const at::Tensor& n_glob, at::Tensor& out,
-                 float scale, int64_t rotary_dim, bool neox, int64_t chunk_tokens) {
+void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Tensor& glob_sin,
+               const at::Tensor& kv_cache, const at::Tensor& block_table, const at::Tensor& rows,
+               const at::Tensor& lo, const at::Tensor& pos, const at::Tensor& n_glob, at::Tensor& out,
+               float scale, int64_t rotary_dim, bool neox, int64_t chunk_tokens, int64_t query_tile) {
   const int64_t S = q_loc.size(0), Hq = q_loc.size(1), D = q_loc.size(2);
   const int64_t Hkv = kv_cache.size(1), B = kv_cache.size(2);
   const int64_t group = Hq / Hkv;
@@ -235,96 +263,124 @@ void decode_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::
   const int64_t* ng = n_glob.data_ptr<int64_t>();
   const int64_t blk_stride = Hkv * B * 2 * D, head_stride = B * 2 * D;
 
-  // Chunks of whole blocks: chunk c of sequence s covers blocks [b0 + c*cb, ...).
-  const int64_t cb = std::max<int64_t>(1, chunk_tokens / B);
-  std::vector<int64_t> first_task(S + 1, 0), nchunks(S);
+  // Tiles: runs of rows of one sequence at consecutive positions, at most query_tile long
+  // and at most kMaxGroup-ish rows of work per kv head (query_tile * group).
+  std::vector<Tile> tiles;
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t nb = pos_p[s] / B - lo_p[s] / B + 1;
-    nchunks[s] = (nb + cb - 1) / cb;
-    first_task[s + 1] = first_task[s] + nchunks[s] * Hkv;
+    const bool extend = !tiles.empty() && tiles.back().count < query_tile && row[s] == row[s - 1] &&
+                        pos_p[s] == pos_p[s - 1] + 1 && lo_p[s] >= lo_p[s - 1];
+    if (extend) ++tiles.back().count;
+    else tiles.push_back({s, 1});
   }
-  const int64_t ntasks = first_task[S];
-  const int64_t part_len = group * (D + 2);
-  std::vector<float> parts(static_cast<size_t>(ntasks * part_len));
+  const int64_t NT = static_cast<int64_t>(tiles.size());
+  int64_t max_rows = 0;
+  for (const Tile& t : tiles) max_rows = std::max(max_rows, t.count * group);
+
+  // Chunks of whole blocks: chunk c of a tile covers blocks [lo_first / B + c*cb, ...).
+  const int64_t cb = std::max<int64_t>(1, chunk_tokens / B);
+  std::vector<int64_t> first_task(NT + 1, 0), nchunks(NT), part_at(NT + 1, 0);
+  for (int64_t t = 0; t < NT; ++t) {
+    const Tile& tl = tiles[t];
+    const int64_t nb = pos_p[tl.first + tl.count - 1] / B - lo_p[tl.first] / B + 1;
+    nchunks[t] = (nb + cb - 1) / cb;
+    first_task[t + 1] = first_task[t] + nchunks[t] * Hkv;
+    part_at[t + 1] = part_at[t] + nchunks[t] * Hkv * tl.count * group * (D + 2);
+  }
+  const int64_t ntasks = first_task[NT];
+  std::vector<float> parts(static_cast<size_t>(part_at[NT]));
 
   at::parallel_for(0, ntasks, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<float> s(static_cast<size_t>(group * B));
-    std::vector<float> qs(static_cast<size_t>(group * D)), qr(static_cast<size_t>(D));
+    std::vector<float> s(static_cast<size_t>(max_rows * B));
+    std::vector<float> qs(static_cast<size_t>(max_rows * D)), qr(static_cast<size_t>(D));
+    std::vector<int> v0(static_cast<size_t>(max_rows)), v1(static_cast<size_t>(max_rows));
     for (int64_t task = t_begin; task < t_end; ++task) {
-      const int64_t seq = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
-      const int64_t local = task - first_task[seq];
+      const int64_t t = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+      const Tile& tl = tiles[t];
+      const int64_t local = task - first_task[t];
       const int64_t h = local % Hkv, chunk = local / Hkv;
-      float* base = parts.data() + task * part_len;
-      Partial part{base, base + group, base + 2 * group};
-      for (int64_t g = 0; g < group; ++g) {
-        part.m[g] = -std::numeric_limits<float>::infinity();
-        part.l[g] = 0.0f;
+      const int64_t nr = tl.count * group;  // rows: (query e = first + r / group, head h*group + r % group)
+      float* base = parts.data() + part_at[t] + (chunk * Hkv + h) * nr * (D + 2);
+      Partial part{base, base + nr, base + 2 * nr};
+      for (int64_t r = 0; r < nr; ++r) {
+        part.m[r] = -std::numeric_limits<float>::infinity();
+        part.l[r] = 0.0f;
       }
-      std::fill(part.acc, part.acc + group * D, 0.0f);
-      const int32_t* trow = bt + row[seq] * bt_stride;
-      const float* q_raw = ql + (seq * Hq + h * group) * D;
-      for (int64_t x = 0; x < group * D; ++x) qs[x] = q_raw[x] * scale;
+      std::fill(part.acc, part.acc + nr * D, 0.0f);
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* q_raw = ql + ((tl.first + r / group) * Hq + h * group + r % group) * D;
+        for (int64_t d = 0; d < D; ++d) qs[r * D + d] = q_raw[d] * scale;
+      }
       const float* q = qs.data();
-      const int64_t p = pos_p[seq], l0 = lo_p[seq];
-      const int64_t b_first = l0 / B + chunk * cb;
-      const int64_t b_last = std::min(p / B, b_first + cb - 1);
+      const int32_t* trow = bt + row[tl.first] * bt_stride;
+      const int64_t last = tl.first + tl.count - 1;
+      const int64_t key_lo = lo_p[tl.first], key_hi = pos_p[last];  // union of the tile's windows
+      const int64_t b_first = key_lo / B + chunk * cb;
+      const int64_t b_last = std::min(key_hi / B, b_first + cb - 1);
       for (int64_t b = b_first; b <= b_last; ++b) {
-        const int64_t t0 = std::max(l0, b * B) - b * B;
-        const int64_t t1 = std::min(p + 1, (b + 1) * B) - b * B;
-        const int n = static_cast<int>(t1 - t0);
+        const int64_t k0 = std::max(key_lo, b * B);  // first key of this block in the union
+        const int64_t k1 = std::min(key_hi + 1, (b + 1) * B);
+        const int n = static_cast<int>(k1 - k0);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t e = tl.first + r / group;
+          v0[r] = static_cast<int>(std::clamp<int64_t>(lo_p[e] - k0, 0, n));
+          v1[r] = static_cast<int>(std::clamp<int64_t>(pos_p[e] + 1 - k0, 0, n));
+        }
         const T* kb = cache + trow[b] * blk_stride + h * head_stride;
         const T* vb = kb + B * D;
-        block_scores<T>(group, D, B, n, q, kb + t0, s.data());
-        absorb<T>(group, D, B, n, s.data(), vb + t0 * D, part);
+        block_scores<T>(static_cast<int>(nr), D, B, n, q, kb + (k0 - b * B), s.data());
+        absorb<T>(static_cast<int>(nr), D, B, n, s.data(), vb + (k0 - b * B) * D, v0.data(), v1.data(), part);
       }
       // Global keys j < n_glob (never inside the window): the first chunk takes them,
       // block by block (values of one block are contiguous).
-      const int64_t nglob = ng[seq];
-      for (int64_t bj = 0; chunk == 0 && bj * B < nglob; ++bj) {
-        const int n = static_cast<int>(std::min(nglob - bj * B, B));
+      int64_t nglob_max = 0;
+      for (int64_t e = tl.first; e <= last; ++e) nglob_max = std::max(nglob_max, ng[e]);
+      for (int64_t bj = 0; chunk == 0 && bj * B < nglob_max; ++bj) {
+        const int n = static_cast<int>(std::min(nglob_max - bj * B, B));
         const T* kb = cache + trow[bj] * blk_stride + h * head_stride;
-        for (int i = 0; i < n; ++i) {
-          // the query rotated by (d - p + j): seen at the clamped distance from key j
-          const float* c = gc + (seq * Gmax + bj * B + i) * half;
-          const float* sn = gs + (seq * Gmax + bj * B + i) * half;
-          for (int64_t g = 0; g < group; ++g) {
-            const float* x = q + g * D;
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t e = tl.first + r / group;
+          v0[r] = 0;
+          v1[r] = static_cast<int>(std::clamp<int64_t>(ng[e] - bj * B, 0, n));
+          const float* x = q + r * D;
+          for (int i = 0; i < v1[r]; ++i) {
+            // the query rotated by (d - p + j): seen at the clamped distance from key j
+            const float* c = gc + (e * Gmax + bj * B + i) * half;
+            const float* sn = gs + (e * Gmax + bj * B + i) * half;
             std::copy(x, x + D, qr.begin());
-            for (int64_t r = 0; r < half; ++r) {
-              const int64_t a = neox ? r : 2 * r, b = neox ? r + half : 2 * r + 1;
-              qr[a] = x[a] * c[r] - x[b] * sn[r];
-              qr[b] = x[b] * c[r] + x[a] * sn[r];
+            for (int64_t k = 0; k < half; ++k) {
+              const int64_t a = neox ? k : 2 * k, bb = neox ? k + half : 2 * k + 1;
+              qr[a] = x[a] * c[k] - x[bb] * sn[k];
+              qr[bb] = x[bb] * c[k] + x[a] * sn[k];
             }
             float acc = 0.0f;
             for (int64_t d = 0; d < D; ++d) acc += qr[d] * to_f(kb[d * B + i]);
-            s[g * B + i] = acc;
+            s[r * B + i] = acc;
           }
         }
-        absorb<T>(group, D, B, n, s.data(), kb + B * D, part);
+        absorb<T>(static_cast<int>(nr), D, B, n, s.data(), kb + B * D, v0.data(), v1.data(), part);
       }
     }
   });
 
-  // Merge chunks of each (sequence, kv head).
+  // Merge the chunks of each (tile, kv head).
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t sh = begin; sh < end; ++sh) {
-      const int64_t seq = sh / Hkv, h = sh % Hkv;
-      for (int64_t g = 0; g < group; ++g) {
+  at::parallel_for(0, NT * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t th = begin; th < end; ++th) {
+      const int64_t t = th / Hkv, h = th % Hkv;
+      const int64_t nr = tiles[t].count * group;
+      for (int64_t r = 0; r < nr; ++r) {
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t c = 0; c < nchunks[seq]; ++c) {
-          const float* base = parts.data() + (first_task[seq] + c * Hkv + h) * part_len;
-          mx = std::max(mx, base[g]);
-        }
-        float* dst = o + (seq * Hq + h * group + g) * D;
+        for (int64_t c = 0; c < nchunks[t]; ++c)
+          mx = std::max(mx, parts[part_at[t] + (c * Hkv + h) * nr * (D + 2) + r]);
+        float* dst = o + ((tiles[t].first + r / group) * Hq + h * group + r % group) * D;
         std::fill(dst, dst + D, 0.0f);
         float denom = 0.0f;
-        for (int64_t c = 0; c < nchunks[seq]; ++c) {
-          const float* base = parts.data() + (first_task[seq] + c * Hkv + h) * part_len;
-          if (base[g] == -std::numeric_limits<float>::infinity()) continue;
-          const float w = exp_nonpos(base[g] - mx);
-          denom += w * base[group + g];
-          const float* acc = base + 2 * group + g * D;
+        for (int64_t c = 0; c < nchunks[t]; ++c) {
+          const float* pb = parts.data() + part_at[t] + (c * Hkv + h) * nr * (D + 2);
+          if (pb[r] == -std::numeric_limits<float>::infinity()) continue;
+          const float w = exp_nonpos(pb[r] - mx);
+          denom += w * pb[nr + r];
+          const float* acc = pb + 2 * nr + r * D;
           for (int64_t d = 0; d < D; ++d) dst[d] += w * acc[d];
         }
         const float inv = 1.0f / denom;
@@ -334,10 +390,10 @@ void decode_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::
   });
 }
 
-at::Tensor lambda_decode(const at::Tensor& q, const at::Tensor& glob_cos, const at::Tensor& glob_sin,
-                         const at::Tensor& kv_cache, const at::Tensor& block_table, const at::Tensor& rows,
-                         const at::Tensor& lo, const at::Tensor& pos, const at::Tensor& n_glob, double scale,
-                         int64_t rotary_dim, bool neox, int64_t chunk_tokens) {
+at::Tensor lambda_rows(const at::Tensor& q, const at::Tensor& glob_cos, const at::Tensor& glob_sin,
+                       const at::Tensor& kv_cache, const at::Tensor& block_table, const at::Tensor& rows,
+                       const at::Tensor& lo, const at::Tensor& pos, const at::Tensor& n_glob, double scale,
+                       int64_t rotary_dim, bool neox, int64_t chunk_tokens, int64_t query_tile) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 [S, Hq, D] tensor");
   TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= q.size(2), "rotary_dim must be even, <= head size");
@@ -352,10 +408,14 @@ at::Tensor lambda_decode(const at::Tensor& q, const at::Tensor& glob_cos, const 
   for (const at::Tensor* t : {&rows, &lo, &pos, &n_glob})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == q.size(0),
                 "rows/lo/pos/n_glob must be contiguous int64 [S]");
+  TORCH_CHECK(query_tile >= 1, "query_tile must be >= 1");
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (q.size(0) == 0) return out;
+  // rows of one tile share registers: at most kMaxGroup (query x head) rows per tile pays off
+  const int64_t group = q.size(1) / kv_cache.size(1);
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(query_tile, kMaxGroupRows / std::max<int64_t>(group, 1)));
   const float sc = static_cast<float>(scale);
-#define LMINF_CALL(T) decode_impl<T>(q, glob_cos, glob_sin, kv_cache, block_table, rows, lo, pos, n_glob, out, sc, rotary_dim, neox, chunk_tokens)
+#define LMINF_CALL(T) rows_impl<T>(q, glob_cos, glob_sin, kv_cache, block_table, rows, lo, pos, n_glob, out, sc, rotary_dim, neox, chunk_tokens, tile)
   switch (kv_cache.scalar_type()) {
     case at::kFloat: LMINF_CALL(float); break;
     case at::kBFloat16: LMINF_CALL(c10::BFloat16); break;
@@ -369,9 +429,9 @@ at::Tensor lambda_decode(const at::Tensor& q, const at::Tensor& glob_cos, const 
 }  // namespace
 
 TORCH_LIBRARY(lminf_cpu, m) {
-  m.def("lambda_decode(Tensor q, Tensor glob_cos, Tensor glob_sin, Tensor kv_cache, Tensor block_table, "
+  m.def("lambda_rows(Tensor q, Tensor glob_cos, Tensor glob_sin, Tensor kv_cache, Tensor block_table, "
         "Tensor rows, Tensor lo, Tensor pos, Tensor n_glob, float scale, int rotary_dim, bool neox, "
-        "int chunk_tokens) -> Tensor");
+        "int chunk_tokens, int query_tile) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lminf_cpu, CPU, m) { m.impl("lambda_decode", &lambda_decode); }
+TORCH_LIBRARY_IMPL(lminf_cpu, CPU, m) { m.impl("lambda_rows", &lambda_rows); }
