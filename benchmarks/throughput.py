@@ -174,6 +174,7 @@ def report(results: dict, out: Path) -> None:
             ratios.setdefault("ttft_stock_over_lminf", {})[f"{k[0]}x{k[1]}"] = s["ttft_s"] / lm["ttft_s"]
         if lm and swa:
             ratios.setdefault("decode_vs_swa", {})[f"{k[0]}x{k[1]}"] = lm["decode_tok_s"] / swa["decode_tok_s"]
+            ratios.setdefault("ttft_swa_over_lminf", {})[f"{k[0]}x{k[1]}"] = swa["ttft_s"] / lm["ttft_s"]
     results["ratios"] = ratios
     (out / "throughput.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(ratios, indent=1))
@@ -195,9 +196,13 @@ def plot(results: dict, path: Path) -> None:
             axes[0].plot(x, [r["ttft_s"] for r in rs], **style)
             axes[1].plot(x, [r["decode_tok_s"] for r in rs], **style)
             axes[2].plot(x, [r["peak_kv_bytes"] / 2**20 for r in rs], **style)
+    lengths = sorted({r["length"] for rows in results["runs"].values() for r in rows})
     for ax, title in zip(axes, ["time to first token (s)", "decode tok/s", "peak KV (MiB)"]):
         ax.set(xscale="log", xlabel="prompt length (tokens)", title=title)
         ax.set_yscale("log")
+        # one labelled tick per measured length (log-axis defaults overlap)
+        ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     fig.suptitle(f"{Path(results['model']).name}, window {results['window']}, {results['machine']['cores']} cores")
     fig.tight_layout()
