@@ -26,10 +26,10 @@ from .lambda_attention import DEFAULT_QUERY_TILE, _dense, _flash, _merge, band_m
 from .pattern import LambdaPattern
 from .rope import RopeStyle, cos_sin, rotate
 
-# Keys per work item of the C++ kernel when few query tiles must share the cores (decode:
-# one long window split across cores); with many tiles (prefill) each takes whole windows.
+# Keys per work item of the C++ kernel when few queries must share the cores (decode: one
+# long window split across cores); with many queries (prefill) each tile takes whole windows.
 SPLIT_CHUNK_TOKENS = 1024
-WHOLE_WINDOW_TILES = 64
+WHOLE_WINDOW_QUERIES = 1024
 # Consecutive queries per tile (capped by the kernel at 16 query-head rows per kv head).
 QUERY_TILE = 16
 
@@ -154,8 +154,7 @@ class QueryPlan:
         g_max = int(n_glob.max()) if len(pos) else 0
         j = torch.arange(g_max, dtype=torch.int64)
         c, s = absolute_cos_sin(pattern.distance_limit - pos[:, None] + j[None, :], inv_freq)
-        tiles = sum(-(-n // QUERY_TILE) for n in counts)
-        chunk = SPLIT_CHUNK_TOKENS if tiles < WHOLE_WINDOW_TILES else 1 << 62
+        chunk = SPLIT_CHUNK_TOKENS if sum(counts) < WHOLE_WINDOW_QUERIES else 1 << 62
         leading = torch.equal(token_index, torch.arange(len(token_index)))
         return cls(token_index, rows, lo, pos, n_glob, c.contiguous(), s.contiguous(), chunk, leading)
 

@@ -79,14 +79,14 @@ def test_absolute_path_matches_naive(case, neox, use_extension):
     assert rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("whole_window_tiles", [0, 1 << 30], ids=["whole-window", "split"])
+@pytest.mark.parametrize("whole_window_queries", [0, 1 << 30], ids=["whole-window", "split"])
 @pytest.mark.parametrize("group", [1, 3, 8])
-def test_prefill_tiles(group, whole_window_tiles, monkeypatch):
+def test_prefill_tiles(group, whole_window_queries, monkeypatch):
     """Prefill chunks past the window through the C++ kernel's query tiles: a chunk that
     is not a multiple of the tile, starting mid-block, beside a decode and a second chunk
     that crosses the window edge; each key chunking of the kernel; GQA group 1, 3 and 8
     (tiles of 16, 5 and 2 queries)."""
-    monkeypatch.setattr(cpu_lambda, "WHOLE_WINDOW_TILES", whole_window_tiles)
+    monkeypatch.setattr(cpu_lambda, "WHOLE_WINDOW_QUERIES", whole_window_queries)
     torch.manual_seed(random.randrange(1 << 30))
     seq_lens, q_lens = [517, 300, 90], [203, 1, 77]
     pattern = LambdaPattern(7, 64, 50)
