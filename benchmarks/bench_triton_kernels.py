@@ -65,13 +65,11 @@ def inv_freq_for(rotary_dim: int, base: float = 500000.0) -> torch.Tensor:
 def attended_pairs(pattern, positions: torch.Tensor) -> int:
     """Number of (query, key) pairs the Λ pattern attends for queries at `positions`."""
     p = positions.to(torch.int64)
-    local = torch.minimum(p + 1, torch.full_like(p, min(pattern.n_local, 1 << 62)))
-    glob = torch.clamp(torch.minimum(torch.full_like(p, pattern.n_global), p - pattern.n_local + 1), min=0)
-    return int((local + glob).sum())
+    return int((p + 1 - pattern.local_start(p) + pattern.global_end(p)).sum())
 
 
 def attended_tokens(pattern, p: int) -> int:
-    return min(p + 1, pattern.n_local) + max(0, min(pattern.n_global, p - pattern.n_local + 1))
+    return p + 1 - pattern.local_start(p) + pattern.global_end(p)
 
 
 def build_lambda_cache(seq_lens, pattern, hkv, dh, bs, dtype, device, gen, full=False):

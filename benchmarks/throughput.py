@@ -8,6 +8,11 @@ its peak. One engine per config (a subprocess); lengths and batches run inside i
     python benchmarks/throughput.py                 # SmolLM2-135M, 1K .. 32K, batch 1 and 4
     python benchmarks/throughput.py --quick         # tiny random model, seconds (CI smoke)
     python benchmarks/throughput.py --lengths 1024,8192,32768,65536 --batches 1
+    python benchmarks/throughput.py --lengths 2048,8192 --configs stock,lminf --rounds 3
+
+--rounds N runs every config N times, in fresh engines, alternating the config order
+(A B, B A, A B, ...) so slow drift of a shared machine hits both alike; every cell then
+reports the median over rounds and keeps each round's value.
 """
 
 from __future__ import annotations
@@ -90,7 +95,14 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-gib", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
     ap.add_argument("--out", type=Path, default=Path("runs/throughput"))
+    ap.add_argument("--rounds", type=int, default=1, help="fresh engines per config, order alternating; medians")
     a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {a.rounds}")
+    known = configs(1, 0)
+    wanted = a.configs.split(",")
+    if bad := [n for n in wanted if n not in known]:
+        ap.error(f"--configs: unknown {bad}; allowed: {', '.join(known)}")
 
     tmp = tempfile.TemporaryDirectory()
     if a.quick:
@@ -115,9 +127,10 @@ def main(argv=None) -> int:
     env = {"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib), "OMP_NUM_THREADS": str(cores),
            "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}
     results = {"machine": machine(), "model": str(model), "window": window, "n_global": a.n_global,
-               "dtype": a.dtype, "chunk": a.chunk, "decode_tokens": a.decode_tokens, "runs": {}}
-    wanted = a.configs.split(",")
-    for name in tqdm(wanted, desc="configs"):
+               "dtype": a.dtype, "chunk": a.chunk, "decode_tokens": a.decode_tokens, "rounds": a.rounds, "runs": {}}
+    order = [(r, name) for r in range(a.rounds) for name in (wanted if r % 2 == 0 else wanted[::-1])]
+    per_round: dict[str, list[list[dict]]] = {name: [] for name in wanted}
+    for rnd, name in tqdm(order, desc="configs x rounds"):
         c = configs(window, a.n_global)[name]
         overrides = dict(c["overrides"])
         if not c["plugin"] and max_len > trained:
@@ -132,11 +145,30 @@ def main(argv=None) -> int:
         t = time.time()
         out = run_engine(model, [], engine=engine, plugin=c["plugin"], env=env,
                          script=MEASURE.replace("CFG", repr(spec)), timeout=6 * 3600)
-        results["runs"][name] = out["extra"]
-        tqdm.write(f"{name}: {time.time() - t:.0f}s")
+        per_round[name].append(out["extra"])
+        results["runs"][name] = combine_rounds(per_round[name])
+        tqdm.write(f"{name} (round {rnd + 1}/{a.rounds}): {time.time() - t:.0f}s")
         (a.out / "throughput.json").write_text(json.dumps(results, indent=2))
     report(results, a.out)
     return 0
+
+
+MEASURED = ("ttft_s", "prefill_tok_s", "decode_tok_s")
+
+
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (length, batch): the median of each measured value over the rounds,
+    each round's values kept under "by_round"."""
+    import statistics
+
+    rows = []
+    for cell in zip(*rounds):  # every round measured the same cells in the same order
+        row = dict(cell[0])
+        for key in MEASURED:
+            row[key] = statistics.median(r[key] for r in cell)
+        row["by_round"] = {key: [r[key] for r in cell] for key in MEASURED}
+        rows.append(row)
+    return rows
 
 
 def machine() -> dict:
@@ -175,6 +207,13 @@ def report(results: dict, out: Path) -> None:
         if lm and swa:
             ratios.setdefault("decode_vs_swa", {})[f"{k[0]}x{k[1]}"] = lm["decode_tok_s"] / swa["decode_tok_s"]
             ratios.setdefault("ttft_swa_over_lminf", {})[f"{k[0]}x{k[1]}"] = swa["ttft_s"] / lm["ttft_s"]
+        if lm and s and len(lm.get("by_round", {}).get("ttft_s", [])) > 1:
+            # the same ratios round by round (each round's engines ran back to back)
+            lr, sr = lm["by_round"], s["by_round"]
+            ratios.setdefault("decode_vs_stock_by_round", {})[f"{k[0]}x{k[1]}"] = [
+                a / b for a, b in zip(lr["decode_tok_s"], sr["decode_tok_s"])]
+            ratios.setdefault("ttft_stock_over_lminf_by_round", {})[f"{k[0]}x{k[1]}"] = [
+                b / a for a, b in zip(lr["ttft_s"], sr["ttft_s"])]
     results["ratios"] = ratios
     (out / "throughput.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(ratios, indent=1))

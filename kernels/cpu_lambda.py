@@ -148,9 +148,7 @@ class QueryPlan:
         # a sequence's queries are its last tokens
         pos = torch.cat([torch.arange(seq_lens[i] - c, seq_lens[i]) for i, c in zip(sequences, counts)]
                         + [torch.zeros(0, dtype=torch.int64)])
-        past = pos - pattern.n_local + 1
-        lo = past.clamp(min=0)
-        n_glob = past.clamp(min=0, max=pattern.n_global)
+        lo, n_glob = pattern.local_start(pos), pattern.global_end(pos)
         g_max = int(n_glob.max()) if len(pos) else 0
         j = torch.arange(g_max, dtype=torch.int64)
         c, s = absolute_cos_sin(pattern.distance_limit - pos[:, None] + j[None, :], inv_freq)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 # "No window": a local span longer than any sequence. Kept well inside int32/int64 range.
 UNBOUNDED = 1 << 62
 
@@ -31,14 +33,22 @@ class LambdaPattern:
         """Plain causal attention (every earlier key at its true distance)."""
         return cls(n_global=0, n_local=UNBOUNDED, distance_limit=1)
 
-    def local_start(self, p: int) -> int:
+    # Both bounds take an int or an integer tensor of positions (elementwise), so the
+    # per-step plans and the scalar loops read the window from this one place.
+    def local_start(self, p):
         """First key of the local window of query position p."""
-        return max(0, p - self.n_local + 1)
+        return _clip(p - self.n_local + 1, 0, None)
 
-    def global_end(self, p: int) -> int:
+    def global_end(self, p):
         """Keys [0, global_end(p)) are seen through the global branch by query p."""
-        return max(0, min(self.n_global, p - self.n_local + 1))
+        return _clip(p - self.n_local + 1, 0, self.n_global)
 
     def first_needed_token(self, p: int) -> int:
         """No query at position >= p reads a key in [global tokens, this) again."""
         return self.local_start(p)
+
+
+def _clip(x, lo: int, hi: int | None):
+    if isinstance(x, torch.Tensor):
+        return x.clamp(min=lo, max=hi)
+    return max(lo, x if hi is None else min(hi, x))

@@ -68,3 +68,21 @@ def test_cpu_attention_micro_quick(tmp_path):
     paths = {r["path"] for r in rows}
     assert {"plugin (C++)", "plugin (torch fallback)", "vLLM full causal"} <= paths
     assert len(rows) == 20 and all(r["ms_per_layer"] > 0 for r in rows)
+
+
+def test_throughput_rounds_median_and_refusals(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from throughput import combine_rounds
+
+    cell = {"length": 8, "batch": 1, "peak_kv_blocks": 2, "peak_kv_bytes": 64}
+    rounds = [[dict(cell, ttft_s=t, prefill_tok_s=8 / t, decode_tok_s=d)] for t, d in ((3.0, 10.0), (1.0, 30.0),
+                                                                                         (2.0, 50.0))]
+    (row,) = combine_rounds(rounds)
+    assert row["ttft_s"] == 2.0 and row["decode_tok_s"] == 30.0 and row["prefill_tok_s"] == 4.0
+    assert row["by_round"]["ttft_s"] == [3.0, 1.0, 2.0] and row["by_round"]["decode_tok_s"] == [10.0, 30.0, 50.0]
+    assert row["peak_kv_bytes"] == 64
+    # bad arguments are refused before any engine starts, naming the option and the allowed values
+    for extra, words in ((["--rounds", "0"], ["--rounds"]), (["--configs", "stock,swa"], ["--configs", "stock_swa"])):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--out",
+                               str(tmp_path), *extra], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and all(w in proc.stderr for w in words), proc.stderr

@@ -60,37 +60,71 @@ inline __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_
 inline __mmask16 first_n(int n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
 constexpr int kMaxGroup = 16;  // rows (query x head) sharing a key kept in registers at once
 
-// Scores of GC query heads (q at stride D) for keys [i0, i0+16) of a dim-major block.
+// Independent 16-lane slices one tile works on per row: few rows (decode) take several
+// slices at once so that enough FMA chains run side by side to hide their latency.
+template <int GC>
+constexpr int slices_for() { return GC <= 4 ? 4 : (GC <= 8 ? 2 : 1); }
+
+// Scores of GC query heads (q at stride D) for keys [i0, i0 + 16 * NS) of a dim-major block
+// (mask m[s] selects the valid keys of slice s).
 template <int GC, typename T>
-inline void scores_tile(int D, int B, int i0, __mmask16 m, const float* q, const T* kd, float* s) {
-  __m512 acc[GC];
+inline void scores_tile(int D, int B, int i0, const __mmask16* m, const float* q, const T* kd, float* s) {
+  constexpr int NS = slices_for<GC>();
+  __m512 acc[GC][NS];
 #pragma GCC unroll 16
-  for (int g = 0; g < GC; ++g) acc[g] = _mm512_setzero_ps();
+  for (int g = 0; g < GC; ++g)
+#pragma GCC unroll 4
+    for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_setzero_ps();
   for (int d = 0; d < D; ++d) {
-    const __m512 k = load16(kd + static_cast<int64_t>(d) * B + i0, m);
+    __m512 k[NS];
+#pragma GCC unroll 4
+    for (int j = 0; j < NS; ++j) k[j] = load16(kd + static_cast<int64_t>(d) * B + i0 + 16 * j, m[j]);
 #pragma GCC unroll 16
-    for (int g = 0; g < GC; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * D + d]), k, acc[g]);
+    for (int g = 0; g < GC; ++g) {
+      const __m512 qd = _mm512_set1_ps(q[g * D + d]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_fmadd_ps(qd, k[j], acc[g][j]);
+    }
   }
 #pragma GCC unroll 16
-  for (int g = 0; g < GC; ++g) _mm512_mask_storeu_ps(s + g * B + i0, m, acc[g]);
+  for (int g = 0; g < GC; ++g)
+#pragma GCC unroll 4
+    for (int j = 0; j < NS; ++j) _mm512_mask_storeu_ps(s + g * B + i0 + 16 * j, m[j], acc[g][j]);
 }
 
-// acc[g*D + d0 ..+16] += sum_i p[g*B + i] * V[i*D + d0 ..+16] for GC heads.
+// acc[g*D + d0 + 16j ..+16] += sum_i p[g*B + i] * V[i*D + d0 + 16j ..+16] for GC heads and
+// NS dim slices j (mask m[j] selects the valid dims of slice j).
 template <int GC, typename T>
-inline void values_tile(int D, int B, int n, int d0, __mmask16 m, const float* p, const T* v, float* out) {
-  __m512 acc[GC];
+inline void values_tile(int D, int n, int d0, const __mmask16* m, const float* p, int B, const T* v, float* out) {
+  constexpr int NS = slices_for<GC>();
+  __m512 acc[GC][NS];
 #pragma GCC unroll 16
-  for (int g = 0; g < GC; ++g) acc[g] = _mm512_setzero_ps();
+  for (int g = 0; g < GC; ++g)
+#pragma GCC unroll 4
+    for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_setzero_ps();
   for (int i = 0; i < n; ++i) {
-    const __m512 x = load16(v + static_cast<int64_t>(i) * D + d0, m);
+    __m512 x[NS];
+#pragma GCC unroll 4
+    for (int j = 0; j < NS; ++j) x[j] = load16(v + static_cast<int64_t>(i) * D + d0 + 16 * j, m[j]);
 #pragma GCC unroll 16
-    for (int g = 0; g < GC; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * B + i]), x, acc[g]);
+    for (int g = 0; g < GC; ++g) {
+      const __m512 pg = _mm512_set1_ps(p[g * B + i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_fmadd_ps(pg, x[j], acc[g][j]);
+    }
   }
 #pragma GCC unroll 16
-  for (int g = 0; g < GC; ++g) {
-    float* dst = out + g * D + d0;
-    _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), acc[g]));
-  }
+  for (int g = 0; g < GC; ++g)
+#pragma GCC unroll 4
+    for (int j = 0; j < NS; ++j) {
+      float* dst = out + g * D + d0 + 16 * j;
+      _mm512_mask_storeu_ps(dst, m[j], _mm512_add_ps(_mm512_maskz_loadu_ps(m[j], dst), acc[g][j]));
+    }
+}
+
+// Masks of NS consecutive 16-lane slices starting at `first` of `limit` valid lanes.
+inline void slice_masks(int first, int limit, int ns, __mmask16* m) {
+  for (int j = 0; j < ns; ++j) m[j] = first + 16 * j < limit ? first_n(limit - first - 16 * j) : 0;
 }
 
 #define LMINF_DISPATCH_GC(gc, CALL) \
@@ -116,28 +150,32 @@ inline void values_tile(int D, int B, int n, int d0, __mmask16 m, const float* p
 // s[g*B + i] = sum_d q[g*D + d] * K[d*B + i] for i < n, g < group (K dim-major).
 template <typename T>
 inline void block_scores(int group, int D, int B, int n, const float* q, const T* kd, float* s) {
+  __mmask16 m[4];
   for (int g0 = 0; g0 < group; g0 += kMaxGroup) {
     const int gc = std::min(kMaxGroup, group - g0);
-    for (int i0 = 0; i0 < n; i0 += 16) {
-      const __mmask16 m = first_n(n - i0);
-#define LMINF_SCORES(GC) scores_tile<GC, T>(D, B, i0, m, q + g0 * D, kd, s + g0 * B)
-      LMINF_DISPATCH_GC(gc, LMINF_SCORES)
+#define LMINF_SCORES(GC)                                                      \
+  for (int i0 = 0; i0 < n; i0 += 16 * slices_for<GC>()) {                     \
+    slice_masks(i0, n, slices_for<GC>(), m);                                  \
+    scores_tile<GC, T>(D, B, i0, m, q + g0 * D, kd, s + g0 * B);              \
+  }
+    LMINF_DISPATCH_GC(gc, LMINF_SCORES)
 #undef LMINF_SCORES
-    }
   }
 }
 
 // acc[g*D + d] += sum_i p[g*B + i] * V[i*D + d] (V token-major).
 template <typename T>
 inline void block_values(int group, int D, int B, int n, const float* p, const T* v, float* acc) {
+  __mmask16 m[4];
   for (int g0 = 0; g0 < group; g0 += kMaxGroup) {
     const int gc = std::min(kMaxGroup, group - g0);
-    for (int d0 = 0; d0 < D; d0 += 16) {
-      const __mmask16 m = first_n(D - d0);
-#define LMINF_VALUES(GC) values_tile<GC, T>(D, B, n, d0, m, p + g0 * B, v, acc + g0 * D)
-      LMINF_DISPATCH_GC(gc, LMINF_VALUES)
+#define LMINF_VALUES(GC)                                                      \
+  for (int d0 = 0; d0 < D; d0 += 16 * slices_for<GC>()) {                    \
+    slice_masks(d0, D, slices_for<GC>(), m);                                  \
+    values_tile<GC, T>(D, n, d0, m, p + g0 * B, B, v, acc + g0 * D);          \
+  }
+    LMINF_DISPATCH_GC(gc, LMINF_VALUES)
 #undef LMINF_VALUES
-    }
   }
 }
 #else
@@ -159,6 +197,7 @@ inline void block_values(int group, int D, int B, int n, const float* p, const T
 #endif
 
 constexpr int64_t kMaxGroupRows = 16;  // query_tile is capped so a tile has at most this many rows
+constexpr int64_t kSerialMergeFloats = 1 << 15;  // partial results below this size merge on one thread
 
 struct Partial {
   float* m;    // [group]
@@ -362,9 +401,11 @@ void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Te
     }
   });
 
-  // Merge the chunks of each (tile, kv head).
+  // Merge the chunks of each (tile, kv head). A small merge (decode) runs on this thread:
+  // waking the pool again would cost more than the work.
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, NT * Hkv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t merge_grain = part_at[NT] < kSerialMergeFloats ? NT * Hkv : 1;
+  at::parallel_for(0, NT * Hkv, merge_grain, [&](int64_t begin, int64_t end) {
     for (int64_t th = begin; th < end; ++th) {
       const int64_t t = th / Hkv, h = th % Hkv;
       const int64_t nr = tiles[t].count * group;
