@@ -67,7 +67,7 @@ def test_cpu_attention_micro_quick(tmp_path):
     rows = json.loads((tmp_path / "cpu_attention_micro.json").read_text())["rows"]
     paths = {r["path"] for r in rows}
     assert {"plugin (C++)", "plugin (torch fallback)", "vLLM full causal"} <= paths
-    assert len(rows) == 20 and all(r["ms_per_layer"] > 0 for r in rows)
+    assert len(rows) == 22 and all(r["ms_per_layer"] > 0 for r in rows)
 
 
 def test_throughput_rounds_median_and_refusals(tmp_path):

@@ -276,6 +276,16 @@ inline void absorb(int rows, int D, int B, int n, float* s, const T* v, const in
   block_values<T>(rows, D, B, n, s, v, part.acc);
 }
 
+// Ask for the next block's keys and values while this one computes: the window is paged,
+// so the hardware prefetcher cannot guess which block comes next. Costs ~20% when the
+// window is already cached (a micro-benchmark), saves ~20% when it is not (a real step:
+// every layer's window is evicted by the others).
+template <typename T>
+inline void prefetch_block(const T* p, int64_t elems) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < elems * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 struct Tile {
   int64_t first;  // first query row
   int64_t count;  // consecutive positions of one sequence
@@ -366,6 +376,8 @@ void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Te
         }
         const T* kb = cache + trow[b] * blk_stride + h * head_stride;
         const T* vb = kb + B * D;
+        // a paged window is not one stream: ask for the next block while this one computes
+        if (b < b_last) prefetch_block(cache + trow[b + 1] * blk_stride + h * head_stride, 2 * B * D);
         block_scores<T>(static_cast<int>(nr), D, B, n, q, kb + (k0 - b * B), s.data());
         absorb<T>(static_cast<int>(nr), D, B, n, s.data(), vb + (k0 - b * B) * D, v0.data(), v1.data(), part);
       }
