@@ -58,7 +58,7 @@ inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
 }
 inline __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 inline __mmask16 first_n(int n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
-constexpr int kMaxGroup = 16;  // rows (query x head) sharing a key kept in registers at once
+constexpr int kMaxGroup = 8;  // rows (query x head) sharing a key in registers: with 2 slices, 16 FMAs per 8 broadcasts
 
 // Independent 16-lane slices one tile works on per row: few rows (decode) take several
 // slices at once so that enough FMA chains run side by side to hide their latency.
@@ -197,6 +197,7 @@ inline void block_values(int group, int D, int B, int n, const float* p, const T
 #endif
 
 constexpr int64_t kMaxGroupRows = 16;  // query_tile is capped so a tile has at most this many rows
+constexpr int64_t kMaxBandTiles = 32;  // tiles sharing one pass over the key blocks
 constexpr int64_t kSerialMergeFloats = 1 << 15;  // partial results below this size merge on one thread
 
 struct Partial {
@@ -325,90 +326,130 @@ void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Te
   int64_t max_rows = 0;
   for (const Tile& t : tiles) max_rows = std::max(max_rows, t.count * group);
 
-  // Chunks of whole blocks: chunk c of a tile covers blocks [lo_first / B + c*cb, ...).
-  const int64_t cb = std::max<int64_t>(1, chunk_tokens / B);
-  std::vector<int64_t> first_task(NT + 1, 0), nchunks(NT), part_at(NT + 1, 0);
+  // Bands: runs of consecutive tiles of one sequence handled by one task, key block by key
+  // block, so each block is read from memory once per band rather than once per tile
+  // (prefill: a tile's window is far bigger than the caches). Enough bands stay to keep
+  // every thread busy.
+  const int64_t want_tasks = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t band_tiles = std::clamp<int64_t>(NT * Hkv / want_tasks, 1, kMaxBandTiles);
+  std::vector<Tile> bands;  // first tile, tile count
   for (int64_t t = 0; t < NT; ++t) {
-    const Tile& tl = tiles[t];
-    const int64_t nb = pos_p[tl.first + tl.count - 1] / B - lo_p[tl.first] / B + 1;
-    nchunks[t] = (nb + cb - 1) / cb;
-    first_task[t + 1] = first_task[t] + nchunks[t] * Hkv;
-    part_at[t + 1] = part_at[t] + nchunks[t] * Hkv * tl.count * group * (D + 2);
+    const bool extend = !bands.empty() && bands.back().count < band_tiles &&
+                        row[tiles[t].first] == row[tiles[t - 1].first];
+    if (extend) ++bands.back().count;
+    else bands.push_back({t, 1});
   }
-  const int64_t ntasks = first_task[NT];
+  const int64_t NB = static_cast<int64_t>(bands.size());
+  int64_t max_band_rows = 0;
+  for (const Tile& bd : bands) {
+    int64_t r = 0;
+    for (int64_t t = bd.first; t < bd.first + bd.count; ++t) r += tiles[t].count * group;
+    max_band_rows = std::max(max_band_rows, r);
+  }
+
+  // Chunks of whole blocks: chunk c of a band covers blocks [lo_first / B + c*cb, ...);
+  // every tile of the band keeps a partial result per chunk (empty where they do not meet).
+  const int64_t cb = std::max<int64_t>(1, chunk_tokens / B);
+  std::vector<int64_t> first_task(NB + 1, 0), nchunks(NT), part_at(NT + 1, 0);
+  for (int64_t k = 0; k < NB; ++k) {
+    const Tile& first = tiles[bands[k].first];
+    const Tile& last = tiles[bands[k].first + bands[k].count - 1];
+    const int64_t nb = pos_p[last.first + last.count - 1] / B - lo_p[first.first] / B + 1;
+    const int64_t nc = (nb + cb - 1) / cb;
+    first_task[k + 1] = first_task[k] + nc * Hkv;
+    for (int64_t t = bands[k].first; t < bands[k].first + bands[k].count; ++t) nchunks[t] = nc;
+  }
+  for (int64_t t = 0; t < NT; ++t) part_at[t + 1] = part_at[t] + nchunks[t] * Hkv * tiles[t].count * group * (D + 2);
+  const int64_t ntasks = first_task[NB];
   std::vector<float> parts(static_cast<size_t>(part_at[NT]));
 
   at::parallel_for(0, ntasks, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<float> s(static_cast<size_t>(max_rows * B));
-    std::vector<float> qs(static_cast<size_t>(max_rows * D)), qr(static_cast<size_t>(D));
+    std::vector<float> qs(static_cast<size_t>(max_band_rows * D)), qr(static_cast<size_t>(D));
     std::vector<int> v0(static_cast<size_t>(max_rows)), v1(static_cast<size_t>(max_rows));
+    std::vector<Partial> band_parts(static_cast<size_t>(band_tiles));
     for (int64_t task = t_begin; task < t_end; ++task) {
-      const int64_t t = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
-      const Tile& tl = tiles[t];
-      const int64_t local = task - first_task[t];
+      const int64_t k = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+      const Tile& bd = bands[k];
+      const int64_t local = task - first_task[k];
       const int64_t h = local % Hkv, chunk = local / Hkv;
-      const int64_t nr = tl.count * group;  // rows: (query e = first + r / group, head h*group + r % group)
-      float* base = parts.data() + part_at[t] + (chunk * Hkv + h) * nr * (D + 2);
-      Partial part{base, base + nr, base + 2 * nr};
-      for (int64_t r = 0; r < nr; ++r) {
-        part.m[r] = -std::numeric_limits<float>::infinity();
-        part.l[r] = 0.0f;
-      }
-      std::fill(part.acc, part.acc + nr * D, 0.0f);
-      for (int64_t r = 0; r < nr; ++r) {
-        const float* q_raw = ql + ((tl.first + r / group) * Hq + h * group + r % group) * D;
-        for (int64_t d = 0; d < D; ++d) qs[r * D + d] = q_raw[d] * scale;
-      }
-      const float* q = qs.data();
-      const int32_t* trow = bt + row[tl.first] * bt_stride;
-      const int64_t last = tl.first + tl.count - 1;
-      const int64_t key_lo = lo_p[tl.first], key_hi = pos_p[last];  // union of the tile's windows
-      const int64_t b_first = key_lo / B + chunk * cb;
-      const int64_t b_last = std::min(key_hi / B, b_first + cb - 1);
-      for (int64_t b = b_first; b <= b_last; ++b) {
-        const int64_t k0 = std::max(key_lo, b * B);  // first key of this block in the union
-        const int64_t k1 = std::min(key_hi + 1, (b + 1) * B);
-        const int n = static_cast<int>(k1 - k0);
+      // every tile's partial for (chunk, h) starts empty; its scaled queries go to qs
+      for (int64_t i = 0, q_off = 0; i < bd.count; ++i) {
+        const Tile& tl = tiles[bd.first + i];
+        const int64_t nr = tl.count * group;  // rows: (query e = first + r / group, head h*group + r % group)
+        float* base = parts.data() + part_at[bd.first + i] + (chunk * Hkv + h) * nr * (D + 2);
+        Partial& part = band_parts[i];
+        part = Partial{base, base + nr, base + 2 * nr};
+        std::fill(part.m, part.m + nr, -std::numeric_limits<float>::infinity());
+        std::fill(part.l, part.l + nr, 0.0f);
+        std::fill(part.acc, part.acc + nr * D, 0.0f);
         for (int64_t r = 0; r < nr; ++r) {
-          const int64_t e = tl.first + r / group;
-          v0[r] = static_cast<int>(std::clamp<int64_t>(lo_p[e] - k0, 0, n));
-          v1[r] = static_cast<int>(std::clamp<int64_t>(pos_p[e] + 1 - k0, 0, n));
+          const float* q_raw = ql + ((tl.first + r / group) * Hq + h * group + r % group) * D;
+          for (int64_t d = 0; d < D; ++d) qs[(q_off + r) * D + d] = q_raw[d] * scale;
         }
+        q_off += nr;
+      }
+      const int32_t* trow = bt + row[tiles[bd.first].first] * bt_stride;
+      const Tile& last_tile = tiles[bd.first + bd.count - 1];
+      const int64_t band_lo = lo_p[tiles[bd.first].first], band_hi = pos_p[last_tile.first + last_tile.count - 1];
+      const int64_t b_first = band_lo / B + chunk * cb;
+      const int64_t b_last = std::min(band_hi / B, b_first + cb - 1);
+      for (int64_t b = b_first; b <= b_last; ++b) {
         const T* kb = cache + trow[b] * blk_stride + h * head_stride;
         const T* vb = kb + B * D;
         // a paged window is not one stream: ask for the next block while this one computes
         if (b < b_last) prefetch_block(cache + trow[b + 1] * blk_stride + h * head_stride, 2 * B * D);
-        block_scores<T>(static_cast<int>(nr), D, B, n, q, kb + (k0 - b * B), s.data());
-        absorb<T>(static_cast<int>(nr), D, B, n, s.data(), vb + (k0 - b * B) * D, v0.data(), v1.data(), part);
+        for (int64_t i = 0, q_off = 0; i < bd.count; q_off += tiles[bd.first + i].count * group, ++i) {
+          const Tile& tl = tiles[bd.first + i];
+          const int64_t nr = tl.count * group;
+          const int64_t key_lo = lo_p[tl.first], key_hi = pos_p[tl.first + tl.count - 1];  // the tile's windows
+          const int64_t k0 = std::max(key_lo, b * B);  // first key of this block in the tile's union
+          const int64_t k1 = std::min(key_hi + 1, (b + 1) * B);
+          if (k0 >= k1) continue;
+          const int n = static_cast<int>(k1 - k0);
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t e = tl.first + r / group;
+            v0[r] = static_cast<int>(std::clamp<int64_t>(lo_p[e] - k0, 0, n));
+            v1[r] = static_cast<int>(std::clamp<int64_t>(pos_p[e] + 1 - k0, 0, n));
+          }
+          block_scores<T>(static_cast<int>(nr), D, B, n, qs.data() + q_off * D, kb + (k0 - b * B), s.data());
+          absorb<T>(static_cast<int>(nr), D, B, n, s.data(), vb + (k0 - b * B) * D, v0.data(), v1.data(),
+                    band_parts[i]);
+        }
       }
       // Global keys j < n_glob (never inside the window): the first chunk takes them,
       // block by block (values of one block are contiguous).
-      int64_t nglob_max = 0;
-      for (int64_t e = tl.first; e <= last; ++e) nglob_max = std::max(nglob_max, ng[e]);
-      for (int64_t bj = 0; chunk == 0 && bj * B < nglob_max; ++bj) {
-        const int n = static_cast<int>(std::min(nglob_max - bj * B, B));
-        const T* kb = cache + trow[bj] * blk_stride + h * head_stride;
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t e = tl.first + r / group;
-          v0[r] = 0;
-          v1[r] = static_cast<int>(std::clamp<int64_t>(ng[e] - bj * B, 0, n));
-          const float* x = q + r * D;
-          for (int i = 0; i < v1[r]; ++i) {
-            // the query rotated by (d - p + j): seen at the clamped distance from key j
-            const float* c = gc + (e * Gmax + bj * B + i) * half;
-            const float* sn = gs + (e * Gmax + bj * B + i) * half;
-            std::copy(x, x + D, qr.begin());
-            for (int64_t k = 0; k < half; ++k) {
-              const int64_t a = neox ? k : 2 * k, bb = neox ? k + half : 2 * k + 1;
-              qr[a] = x[a] * c[k] - x[bb] * sn[k];
-              qr[bb] = x[bb] * c[k] + x[a] * sn[k];
+      for (int64_t i = 0, q_off = 0; chunk == 0 && i < bd.count; q_off += tiles[bd.first + i].count * group, ++i) {
+        const Tile& tl = tiles[bd.first + i];
+        const int64_t nr = tl.count * group, last = tl.first + tl.count - 1;
+        const float* q = qs.data() + q_off * D;
+        int64_t nglob_max = 0;
+        for (int64_t e = tl.first; e <= last; ++e) nglob_max = std::max(nglob_max, ng[e]);
+        for (int64_t bj = 0; bj * B < nglob_max; ++bj) {
+          const int n = static_cast<int>(std::min(nglob_max - bj * B, B));
+          const T* kb = cache + trow[bj] * blk_stride + h * head_stride;
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t e = tl.first + r / group;
+            v0[r] = 0;
+            v1[r] = static_cast<int>(std::clamp<int64_t>(ng[e] - bj * B, 0, n));
+            const float* x = q + r * D;
+            for (int i2 = 0; i2 < v1[r]; ++i2) {
+              // the query rotated by (d - p + j): seen at the clamped distance from key j
+              const float* c = gc + (e * Gmax + bj * B + i2) * half;
+              const float* sn = gs + (e * Gmax + bj * B + i2) * half;
+              std::copy(x, x + D, qr.begin());
+              for (int64_t kk = 0; kk < half; ++kk) {
+                const int64_t a = neox ? kk : 2 * kk, bb = neox ? kk + half : 2 * kk + 1;
+                qr[a] = x[a] * c[kk] - x[bb] * sn[kk];
+                qr[bb] = x[bb] * c[kk] + x[a] * sn[kk];
+              }
+              float acc = 0.0f;
+              for (int64_t d = 0; d < D; ++d) acc += qr[d] * to_f(kb[d * B + i2]);
+              s[r * B + i2] = acc;
             }
-            float acc = 0.0f;
-            for (int64_t d = 0; d < D; ++d) acc += qr[d] * to_f(kb[d * B + i]);
-            s[r * B + i] = acc;
           }
+          absorb<T>(static_cast<int>(nr), D, B, n, s.data(), kb + B * D, v0.data(), v1.data(), band_parts[i]);
         }
-        absorb<T>(static_cast<int>(nr), D, B, n, s.data(), kb + B * D, v0.data(), v1.data(), part);
       }
     }
   });
