@@ -10,8 +10,10 @@
 // Consecutive queries of one sequence (a prefill chunk) are grouped into tiles: a tile's
 // queries share the keys of the union of their windows, so every key loaded feeds
 // (queries x query heads per kv head) dot products; each query masks the keys outside its
-// own window. Work is split over (tile, kv head, key chunk); chunks keep (max, sum, acc)
-// per row and are merged at the end, so two cores share one long window even at batch 1.
+// own window. Runs of tiles ("bands") walk the key blocks together, so a block comes from
+// memory once per band. Work is split over (band, kv head, key chunk); chunks keep
+// (max, sum, acc) per row and are merged at the end, so two cores share one long window
+// even at batch 1.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -60,10 +62,10 @@ inline __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_
 inline __mmask16 first_n(int n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
 constexpr int kMaxGroup = 8;  // rows (query x head) sharing a key in registers: with 2 slices, 16 FMAs per 8 broadcasts
 
-// Independent 16-lane slices one tile works on per row: few rows (decode) take several
-// slices at once so that enough FMA chains run side by side to hide their latency.
+// Independent 16-lane slices a register tile works on per row: few rows (decode) take
+// several slices at once so that enough FMA chains run side by side to hide their latency.
 template <int GC>
-constexpr int slices_for() { return GC <= 4 ? 4 : (GC <= 8 ? 2 : 1); }
+constexpr int slices_for() { return GC <= 4 ? 4 : 2; }
 
 // Scores of GC query heads (q at stride D) for keys [i0, i0 + 16 * NS) of a dim-major block
 // (mask m[s] selects the valid keys of slice s).
@@ -136,16 +138,9 @@ inline void slice_masks(int first, int limit, int ns, __mmask16* m) {
     case 5: CALL(5); break;         \
     case 6: CALL(6); break;         \
     case 7: CALL(7); break;         \
-    case 8: CALL(8); break;         \
-    case 9: CALL(9); break;         \
-    case 10: CALL(10); break;       \
-    case 11: CALL(11); break;       \
-    case 12: CALL(12); break;       \
-    case 13: CALL(13); break;       \
-    case 14: CALL(14); break;       \
-    case 15: CALL(15); break;       \
-    default: CALL(16); break;       \
+    default: CALL(8); break;        \
   }
+static_assert(kMaxGroup == 8, "LMINF_DISPATCH_GC instantiates 1..8 rows");
 
 // s[g*B + i] = sum_d q[g*D + d] * K[d*B + i] for i < n, g < group (K dim-major).
 template <typename T>
