@@ -68,6 +68,9 @@ extra = rows
 '''
 
 
+CONFIG_NAMES = ("stock", "lminf", "stock_swa")
+
+
 def configs(window: int, n_global: int):
     lminf = {"n_global": n_global, "n_local": window, "distance_limit": window}
     return {
@@ -99,10 +102,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {a.rounds}")
-    known = configs(1, 0)
     wanted = a.configs.split(",")
-    if bad := [n for n in wanted if n not in known]:
-        ap.error(f"--configs: unknown {bad}; allowed: {', '.join(known)}")
+    if bad := [n for n in wanted if n not in CONFIG_NAMES]:
+        ap.error(f"--configs: unknown {bad}; allowed: {', '.join(CONFIG_NAMES)}")
 
     tmp = tempfile.TemporaryDirectory()
     if a.quick:

@@ -335,10 +335,15 @@ void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Te
     else bands.push_back({t, 1});
   }
   const int64_t NB = static_cast<int64_t>(bands.size());
+  // band_row[t]: where tile t's rows start among its band's rows (its queries in qs)
+  std::vector<int64_t> band_row(NT);
   int64_t max_band_rows = 0;
   for (const Tile& bd : bands) {
     int64_t r = 0;
-    for (int64_t t = bd.first; t < bd.first + bd.count; ++t) r += tiles[t].count * group;
+    for (int64_t t = bd.first; t < bd.first + bd.count; ++t) {
+      band_row[t] = r;
+      r += tiles[t].count * group;
+    }
     max_band_rows = std::max(max_band_rows, r);
   }
 
@@ -369,7 +374,7 @@ void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Te
       const int64_t local = task - first_task[k];
       const int64_t h = local % Hkv, chunk = local / Hkv;
       // every tile's partial for (chunk, h) starts empty; its scaled queries go to qs
-      for (int64_t i = 0, q_off = 0; i < bd.count; ++i) {
+      for (int64_t i = 0; i < bd.count; ++i) {
         const Tile& tl = tiles[bd.first + i];
         const int64_t nr = tl.count * group;  // rows: (query e = first + r / group, head h*group + r % group)
         float* base = parts.data() + part_at[bd.first + i] + (chunk * Hkv + h) * nr * (D + 2);
@@ -380,9 +385,8 @@ void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Te
         std::fill(part.acc, part.acc + nr * D, 0.0f);
         for (int64_t r = 0; r < nr; ++r) {
           const float* q_raw = ql + ((tl.first + r / group) * Hq + h * group + r % group) * D;
-          for (int64_t d = 0; d < D; ++d) qs[(q_off + r) * D + d] = q_raw[d] * scale;
+          for (int64_t d = 0; d < D; ++d) qs[(band_row[bd.first + i] + r) * D + d] = q_raw[d] * scale;
         }
-        q_off += nr;
       }
       const int32_t* trow = bt + row[tiles[bd.first].first] * bt_stride;
       const Tile& last_tile = tiles[bd.first + bd.count - 1];
@@ -394,7 +398,7 @@ void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Te
         const T* vb = kb + B * D;
         // a paged window is not one stream: ask for the next block while this one computes
         if (b < b_last) prefetch_block(cache + trow[b + 1] * blk_stride + h * head_stride, 2 * B * D);
-        for (int64_t i = 0, q_off = 0; i < bd.count; q_off += tiles[bd.first + i].count * group, ++i) {
+        for (int64_t i = 0; i < bd.count; ++i) {
           const Tile& tl = tiles[bd.first + i];
           const int64_t nr = tl.count * group;
           const int64_t key_lo = lo_p[tl.first], key_hi = pos_p[tl.first + tl.count - 1];  // the tile's windows
@@ -407,17 +411,17 @@ void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Te
             v0[r] = static_cast<int>(std::clamp<int64_t>(lo_p[e] - k0, 0, n));
             v1[r] = static_cast<int>(std::clamp<int64_t>(pos_p[e] + 1 - k0, 0, n));
           }
-          block_scores<T>(static_cast<int>(nr), D, B, n, qs.data() + q_off * D, kb + (k0 - b * B), s.data());
+          block_scores<T>(static_cast<int>(nr), D, B, n, qs.data() + band_row[bd.first + i] * D, kb + (k0 - b * B), s.data());
           absorb<T>(static_cast<int>(nr), D, B, n, s.data(), vb + (k0 - b * B) * D, v0.data(), v1.data(),
                     band_parts[i]);
         }
       }
       // Global keys j < n_glob (never inside the window): the first chunk takes them,
       // block by block (values of one block are contiguous).
-      for (int64_t i = 0, q_off = 0; chunk == 0 && i < bd.count; q_off += tiles[bd.first + i].count * group, ++i) {
+      for (int64_t i = 0; chunk == 0 && i < bd.count; ++i) {
         const Tile& tl = tiles[bd.first + i];
         const int64_t nr = tl.count * group, last = tl.first + tl.count - 1;
-        const float* q = qs.data() + q_off * D;
+        const float* q = qs.data() + band_row[bd.first + i] * D;
         int64_t nglob_max = 0;
         for (int64_t e = tl.first; e <= last; ++e) nglob_max = std::max(nglob_max, ng[e]);
         for (int64_t bj = 0; bj * B < nglob_max; ++bj) {
