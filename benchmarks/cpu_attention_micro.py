@@ -66,10 +66,14 @@ def main(argv=None) -> int:
     inv = 1.0 / 1e5 ** (torch.arange(0, dh, 2).float() / dh)
     style, pattern, scale = RopeStyle(dh, True), LambdaPattern(10, w, w), dh**-0.5
     rows = []
-    for seq_len, n_q in [(n, 1) for n in lengths] + [(w + chunk, chunk), (lengths[1], chunk)]:
+
+    def paged_cache(seq_len):
+        """A bf16 cache of random keys/values holding seq_len tokens, and its block table."""
         nb = -(-seq_len // bs)
-        cache = torch.randn(nb + 1, hkv, bs, 2 * dh).to(torch.bfloat16)
-        table = torch.arange(1, nb + 1, dtype=torch.int32)[None]
+        return torch.randn(nb + 1, hkv, bs, 2 * dh).to(torch.bfloat16), torch.arange(1, nb + 1, dtype=torch.int32)[None]
+
+    for seq_len, n_q in [(n, 1) for n in lengths] + [(w + chunk, chunk), (lengths[1], chunk)]:
+        cache, table = paged_cache(seq_len)
         query = torch.randn(n_q, hq, dh).to(torch.bfloat16)
         out = torch.empty_like(query)
         kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=scale, out=out)
@@ -90,9 +94,8 @@ def main(argv=None) -> int:
             print(f"{seq_len:>7} tokens {n_q:>5} queries  {name:<36} {ms:8.3f} ms/layer", flush=True)
     # decode with every layer's own cache (cold), as inside a real step
     seq_len, layers = lengths[1], 3 if a.quick else 30
-    nb = -(-seq_len // bs)
-    caches = [torch.randn(nb + 1, hkv, bs, 2 * dh).to(torch.bfloat16) for _ in range(layers)]
-    table = torch.arange(1, nb + 1, dtype=torch.int32)[None]
+    caches, tables = zip(*(paged_cache(seq_len) for _ in range(layers)))
+    table = tables[0]  # same block ids in every layer's cache
     query = torch.randn(1, hq, dh).to(torch.bfloat16)
     kw = dict(pattern=pattern, style=style, inv_freq=inv, scale=scale, out=torch.empty_like(query))
     plan = QueryPlan.build([0], [0, 1], [seq_len], pattern, inv)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -161,8 +162,6 @@ MEASURED = ("ttft_s", "prefill_tok_s", "decode_tok_s")
 def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
     """One row per (length, batch): the median of each measured value over the rounds,
     each round's values kept under "by_round"."""
-    import statistics
-
     rows = []
     for cell in zip(*rounds):  # every round measured the same cells in the same order
         row = dict(cell[0])
