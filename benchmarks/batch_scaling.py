@@ -26,8 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from vllm_lminf.isolated import TEST_ENV
-from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness: helpers.engine, helpers.tiny_checkpoint
+
+from helpers.engine import TEST_ENV, with_harness_path  # noqa: E402
+from helpers.tiny_checkpoint import make_tiny_llama  # noqa: E402
 
 
 def write_prompts(path: Path, n: int, lo: int, hi: int, vocab: int, seed: int) -> int:
@@ -54,7 +57,7 @@ def run_batch(model: str, prompts: Path, workdir: Path, replicas: int, a) -> dic
            "--env", f"VLLM_CPU_KVCACHE_SPACE={a.kv_gib}", "--stats-json", str(stats), "--no-progress",
            # all engines up before the first prompt: the window measures N engines at work
            "--wait-replicas", str(a.timeout)]
-    env = dict(os.environ, **TEST_ENV)
+    env = with_harness_path(dict(os.environ, **TEST_ENV))
     env.pop("RAY_ADDRESS", None)
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)

@@ -37,7 +37,7 @@ import torch
 
 def _import_kernels():
     try:
-        import lminf_kernels.triton_lambda  # noqa: F401
+        import lminf_kernels.raw_triton  # noqa: F401
     except ImportError:
         kdir = Path(__file__).resolve().parent.parent / "kernels"
         spec = importlib.machinery.ModuleSpec("lminf_kernels", None, is_package=True)
@@ -46,7 +46,7 @@ def _import_kernels():
         pkg.__path__ = [str(kdir)]
         sys.modules["lminf_kernels"] = pkg
     import lminf_kernels.naive as naive
-    import lminf_kernels.triton_lambda as triton_lambda
+    import lminf_kernels.raw_triton as triton_lambda
     from lminf_kernels.pattern import LambdaPattern
     from lminf_kernels.rope import RopeStyle
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from lminf_kernels.cpu_lambda import QueryPlan, lambda_attention_absolute
-from lminf_kernels.lambda_attention import lambda_paged_attention
+from lminf_kernels.absolute_cpu import QueryPlan, lambda_attention_absolute
+from lminf_kernels.raw_torch import lambda_paged_attention
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
 

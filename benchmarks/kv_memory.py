@@ -15,13 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_lminf.isolated import run_engine
-from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness: helpers.engine, helpers.probe
+
+from helpers.engine import run_engine  # noqa: E402
+from helpers.tiny_checkpoint import make_tiny_llama  # noqa: E402
 
 BLOCK = 128
 SMOL_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 2  # layers * kv heads * head * (K,V) * bf16
@@ -31,22 +35,26 @@ def measure(model, plugin, overrides, lengths, chunk, pool, max_len, concurrency
     """One engine: peak blocks held by one sequence of each length, then how many
     sequences of `concurrency[0]` tokens run at once (`concurrency[1]` submitted, each
     decoding `concurrency[2]` tokens)."""
-    script = (
-        "from vllm_lminf import probe\n"
-        f"rows = [probe.track(llm, [[5] * (n - 8)], max_tokens=8, logprobs=False) for n in {lengths!r}]\n"
-        # long decodes keep finished prefills resident, so memory (not the per-step token
-        # budget) is what limits how many run at once
-        f"conc = probe.track(llm, [[5] * ({concurrency[0]} - 8)] * {concurrency[1]}, max_tokens={concurrency[2]},"
-        " logprobs=False)\n"
-        "extra = {'per_length': [r['peak_held']['r0'] for r in rows], 'bound': rows[0]['bound'],\n"
-        "         'max_running': conc['max_running']}\n"
-    )
     engine = dict(max_model_len=max_len, block_size=BLOCK, max_num_batched_tokens=chunk,
                   enable_prefix_caching=False, num_gpu_blocks_override=pool, max_num_seqs=256)
     if overrides:
         engine["hf_overrides"] = overrides
-    return run_engine(model, [], engine=engine, script=script, plugin=plugin,
+    return run_engine(model, [], engine=engine, probe=blocks_held, plugin=plugin,
+                      probe_args={"lengths": list(lengths), "concurrency": list(concurrency)},
                       env={"VLLM_CPU_KVCACHE_SPACE": "4"}, timeout=4 * 3600)["extra"]
+
+
+def blocks_held(llm, results, *, lengths, concurrency) -> dict:
+    """run_engine probe (runs in the engine's process): see `measure`."""
+    from helpers import probe
+
+    rows = [probe.track(llm, [[5] * (n - 8)], max_tokens=8, logprobs=False) for n in lengths]
+    # long decodes keep finished prefills resident, so memory (not the per-step token
+    # budget) is what limits how many run at once
+    n, count, decode = concurrency
+    conc = probe.track(llm, [[5] * (n - 8)] * count, max_tokens=decode, logprobs=False)
+    return {"per_length": [r["peak_held"]["r0"] for r in rows], "bound": rows[0]["bound"],
+            "max_running": conc["max_running"]}
 
 
 def main(argv=None) -> int:

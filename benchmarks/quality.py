@@ -20,13 +20,17 @@ import json
 import os
 import random
 import re
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from vllm_lminf.isolated import run_engine
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness: helpers.engine, helpers.tiny_checkpoint
+
+from helpers.engine import run_engine  # noqa: E402
 
 PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                   "I will quiz you about the important information there.")
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     if a.quick:
-        from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+        from helpers.tiny_checkpoint import make_tiny_llama
 
         model = make_tiny_llama(Path(tmp.name) / "m", max_position_embeddings=128)
         a.ppl_len, a.docs, a.bucket, a.passkey_lengths, a.passkey_samples = 512, 2, 128, "256,512", 2

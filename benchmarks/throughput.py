@@ -21,18 +21,60 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_lminf.isolated import run_engine
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness: helpers.engine, helpers.probe
 
-MEASURE = r'''
+from helpers.engine import run_engine  # noqa: E402
+
+
+def measure(llm, results, *, cfg: dict) -> list[dict]:
+    """run_engine probe (runs in the engine's process): for every (length, batch) in `cfg`,
+    time to first token, prefill and decode tok/s and the peak KV blocks held."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from helpers import probe
+
+    mgr = probe.kv_manager(llm)
+    single = mgr.coordinator.single_type_managers[0]
+    page_bytes = single.kv_cache_spec.page_size_bytes * cfg["num_layers"]
+    rows = []
+    warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    llm.llm_engine.add_request("warm", TokensPrompt(prompt_token_ids=[7] * 64), warm)
+    while llm.llm_engine.has_unfinished_requests():
+        llm.llm_engine.step()
+    for n in cfg["lengths"]:
+        for b in cfg["batches"]:
+            if n > cfg["max_len_for"].get(str(b), 1 << 62):
+                continue
+            params = SamplingParams(max_tokens=cfg["decode_tokens"], temperature=0.0, ignore_eos=True)
+            for i in range(b):
+                ids = [(97 * (i + 1) + 31 * j) % 20000 + 100 for j in range(n)]
+                llm.llm_engine.add_request(f"q{n}-{b}-{i}", TokensPrompt(prompt_token_ids=ids), params)
+            t0 = time.perf_counter()
+            first, peak = None, 0
+            while llm.llm_engine.has_unfinished_requests():
+                llm.llm_engine.step()
+                held = sum(sum(not blk.is_null for blk in blocks) for blocks in single.req_to_blocks.values())
+                peak = max(peak, held)
+                sched = probe._core(llm).scheduler
+                if first is None and all(r.num_output_tokens > 0 for r in sched.running) and not sched.waiting:
+                    first = time.perf_counter()
+            t1 = time.perf_counter()
+            ttft = first - t0
+            rows.append({"length": n, "batch": b, "ttft_s": ttft, "prefill_tok_s": n * b / ttft,
+                         "decode_tok_s": b * (cfg["decode_tokens"] - 1) / (t1 - first),
+                         "peak_kv_blocks": peak, "peak_kv_bytes": peak * page_bytes})
+    return rows
 import time
 from vllm import SamplingParams, TokensPrompt
-from vllm_lminf import probe
+from helpers import probe
 
 cfg = CFG
 mgr = probe.kv_manager(llm)
@@ -109,7 +151,7 @@ def main(argv=None) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     if a.quick:
-        from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+        from helpers.tiny_checkpoint import make_tiny_llama
 
         model = make_tiny_llama(Path(tmp.name) / "m", max_position_embeddings=256, vocab_size=20200)
         a.lengths, a.batches, a.window, a.decode_tokens, a.dtype, a.kv_gib, a.chunk = "256,1024", "1,2", 256, 5, "float32", 1, 512
@@ -147,7 +189,7 @@ def main(argv=None) -> int:
                       skip_tokenizer_init=True, enforce_eager=a.quick)  # compiled for real runs
         t = time.time()
         out = run_engine(model, [], engine=engine, plugin=c["plugin"], env=env,
-                         script=MEASURE.replace("CFG", repr(spec)), timeout=6 * 3600)
+                         probe=measure, probe_args={"cfg": spec}, timeout=6 * 3600)
         per_round[name].append(out["extra"])
         results["runs"][name] = combine_rounds(per_round[name])
         tqdm.write(f"{name} (round {rnd + 1}/{a.rounds}): {time.time() - t:.0f}s")

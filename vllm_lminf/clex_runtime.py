@@ -35,14 +35,6 @@ def _rope_theta(hf_config) -> float:
     return float(theta)
 
 
-def clex_cap(hf_config) -> int | None:
-    """Longest sequence CLEX alone may serve (L * max_factor), or None without CLEX."""
-    cfg = clex_config_from_hf_config(hf_config)
-    if cfg is None:
-        return None
-    return int(hf_config.max_position_embeddings) * cfg.max_factor
-
-
 @contextlib.contextmanager
 def plain_rope_during_init(hf_config) -> Iterator[None]:
     """vLLM's get_rope rejects the 'clex' type: let the stock constructor build a
@@ -80,6 +72,7 @@ class ClexFrequencies:
         self.original_len = original_len
         self.base = base
         self.table: torch.Tensor | None = None
+        self.rotary_dim: int | None = None  # the model's, set while its attention is installed
 
     # -- loading -----------------------------------------------------------------
     def load_weights(
@@ -103,16 +96,23 @@ class ClexFrequencies:
                 f"the config asks for CLEX rope scaling but the checkpoint lacks {missing}"
             )
         inv_freq, up, down = (captured[n] for n in CLEX_WEIGHT_NAMES)
+        if self.rotary_dim is not None and 2 * inv_freq.numel() != self.rotary_dim:
+            raise ValueError(
+                f"{CLEX_WEIGHT_NAMES[0]} has {inv_freq.numel()} entries but the model's rotary dim is "
+                f"{self.rotary_dim} (it needs rotary_dim / 2 = {self.rotary_dim // 2}): the CLEX tensors "
+                "do not belong to this model"
+            )
         self.table = solve_clex_frequencies(
             inv_freq, up, down, base=self.base, rotary_dim=2 * inv_freq.numel(), cfg=self.cfg
         ).to(torch.float32)
         return loaded
 
     def check_rotary_dim(self, rotary_dim: int) -> None:
-        if self.table is not None and self.table.shape[-1] * 2 != rotary_dim:
-            raise ValueError(
-                f"CLEX inv_freq has {self.table.shape[-1]} entries but the model's rotary dim is {rotary_dim}"
-            )
+        """Record the model's rotary dim (every layer must agree); the CLEX tensors are
+        checked against it when the weights load."""
+        if self.rotary_dim is not None and self.rotary_dim != rotary_dim:
+            raise ValueError(f"CLEX needs one rotary dim for every layer, got {self.rotary_dim} and {rotary_dim}")
+        self.rotary_dim = rotary_dim
 
     # -- per step ----------------------------------------------------------------
     def _seq_lens(self, metadata) -> torch.Tensor:
@@ -141,7 +141,7 @@ class ClexFrequencies:
         return cached
 
 
-def build_clex(hf_config, lminf) -> ClexFrequencies | None:
+def build_clex(hf_config) -> ClexFrequencies | None:
     cfg = clex_config_from_hf_config(hf_config)
     if cfg is None:
         return None

@@ -19,6 +19,17 @@ from typing import Any
 
 from lminf_kernels.pattern import LambdaPattern
 
+# architecture -> the plugin's override class in vllm_lminf.models
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "LMInfLlamaForCausalLM",
+    "MistralForCausalLM": "LMInfMistralForCausalLM",
+    "Qwen2ForCausalLM": "LMInfQwen2ForCausalLM",
+    "Qwen3ForCausalLM": "LMInfQwen3ForCausalLM",
+    "MixtralForCausalLM": "LMInfMixtralForCausalLM",
+    "PhiForCausalLM": "LMInfPhiForCausalLM",
+    "GPTNeoXForCausalLM": "LMInfGPTNeoXForCausalLM",
+}
+
 CONFIG_KEY = "lm_infinite"
 DEFAULT_N_GLOBAL = 10
 _INT_FIELDS = {"n_global": 0, "n_local": 1, "distance_limit": 1}

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from vllm.model_executor.layers.attention import Attention
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from .vllm_compat import ensure_builtin_kv_specs, free_blocks_in_range, set_admission_cap
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,11 +68,8 @@ class LambdaAttentionManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.first_gap_block = cdiv(kv_cache_spec.n_global, self.block_size)
         self.n_local = kv_cache_spec.n_local
-        # vLLM passes admission caps only to its own recycling specs; set ours here so
-        # the scheduler admits a request by its bounded footprint.
         need = kv_cache_spec.max_blocks_per_request()
-        if self.max_admission_blocks_per_request is None:
-            self.max_admission_blocks_per_request = need
+        set_admission_cap(self, need)
         usable = self.block_pool.num_gpu_blocks - 1  # block 0 is the null block
         if need > usable:
             raise ValueError(too_small_message(kv_cache_spec, usable))
@@ -79,59 +77,26 @@ class LambdaAttentionManager(FullAttentionManager):
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         first_needed = max(0, processed_computed_tokens - self.n_local + 1)
-        self._remove_blocks_in_range(request_id, self.first_gap_block, first_needed // self.block_size)
+        free_blocks_in_range(self, request_id, self.first_gap_block, first_needed // self.block_size)
 
 
-def spec_factory(lminf):
-    """(layer, vllm_config) -> KV spec: bounded for Λ layers that free their middle."""
-
-    def make_spec(layer: Attention, vllm_config):
-        stock = Attention.get_kv_cache_spec(layer, vllm_config)
-        if lminf is None or not lminf.free_middle_blocks:
-            return stock
-        return LambdaAttentionSpec(
-            **{f.name: getattr(stock, f.name) for f in fields(FullAttentionSpec)},
-            n_global=lminf.n_global,
-            n_local=lminf.n_local,
-            in_flight_tokens=vllm_config.max_in_flight_tokens,
-            max_model_len=vllm_config.model_config.max_model_len,
-        )
-
-    return make_spec
-
-
-def _patch_memory_check() -> None:
-    """vLLM's start-up check speaks of max_model_len and GiB; for Λ layers the bound is
-    per-sequence blocks, so say that (same check, clearer message)."""
-    import vllm.v1.core.kv_cache_utils as kcu
-
-    original = kcu._check_enough_kv_cache_memory
-    if getattr(original, "_lminf_wrapped", False):
-        return
-
-    def wrapped(available_memory, get_needed_memory, *args, **kwargs):
-        try:
-            return original(available_memory, get_needed_memory, *args, **kwargs)
-        except ValueError as err:
-            call_args = getattr(get_needed_memory, "args", ())
-            if len(call_args) != 2:
-                raise
-            vllm_config, groups = call_args
-            ours = [g.kv_cache_spec for g in groups if isinstance(g.kv_cache_spec, LambdaAttentionSpec)]
-            if not ours:
-                raise
-            usable = max(0, available_memory) // kcu._pool_bytes_per_block(vllm_config, groups)
-            raise ValueError(too_small_message(ours[0], usable)) from err
-
-    wrapped._lminf_wrapped = True
-    kcu._check_enough_kv_cache_memory = wrapped
+def kv_cache_spec(stock: FullAttentionSpec, lminf, vllm_config):
+    """The KV spec of a plugin layer: bounded for Λ layers that free their middle blocks,
+    else vLLM's own (`stock`)."""
+    if lminf is None or not lminf.free_middle_blocks:
+        return stock
+    return LambdaAttentionSpec(
+        **{f.name: getattr(stock, f.name) for f in fields(FullAttentionSpec)},
+        n_global=lminf.n_global,
+        n_local=lminf.n_local,
+        in_flight_tokens=vllm_config.max_in_flight_tokens,
+        max_model_len=vllm_config.model_config.max_model_len,
+    )
 
 
 def register_kv_policy() -> None:
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    # Built-ins register lazily; without this they are never registered in workers.
-    KVCacheSpecRegistry._ensure_registered()
+    ensure_builtin_kv_specs()
     KVCacheSpecRegistry.register(LambdaAttentionSpec, LambdaAttentionManager,
                                  uniform_type_base_spec=FullAttentionSpec)
-    _patch_memory_check()

@@ -14,9 +14,7 @@ from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from lminf_kernels.pattern import LambdaPattern
-
-from . import attention, kv_policy
+from . import attention
 from .clex_runtime import build_clex, plain_rope_during_init
 from .config import parse_lm_infinite
 from .gpt_neox import GPTNeoXForCausalLM
@@ -31,14 +29,10 @@ class LMInfModelMixin:
         with plain_rope_during_init(hf_config):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.lminf_config = lminf = parse_lm_infinite(hf_config)
-        self.clex = build_clex(hf_config, lminf)
+        self.clex = build_clex(hf_config)
         if lminf is None and self.clex is None:
             return  # stock model, untouched
-        pattern = lminf.pattern if lminf is not None else LambdaPattern.causal()
-        attention.install(
-            self, vllm_config, pattern=pattern, clex=self.clex,
-            kv_spec_factory=kv_policy.spec_factory(lminf),
-        )
+        attention.install(self, vllm_config, lminf=lminf, clex=self.clex)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if getattr(self, "clex", None) is None:

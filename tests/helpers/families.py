@@ -1,4 +1,4 @@
-"""Tiny random checkpoints of more model families, and a float64 reference for them.
+"""Tiny random checkpoints of more model families (Qwen3, Mixtral, Phi, GPT-NeoX).
 
 Checkpoints: transformers' own config and model classes (`from_config`), weights
 redrawn at scales that make attention and next-token distributions peaked (the
@@ -7,28 +7,19 @@ default init of std 0.02 makes everything near-uniform), written with
 GPT-NeoX's `embed_out` and Mixtral's `block_sparse_moe.experts.N.w1`), plus the
 byte-level test tokenizer.
 
-Reference: Hugging Face's model run in float64 with two changes, both independent
-of the plugin: its rotary module returns cos = 1, sin = 0 (so q and k reach
-attention unrotated: `q * 1 + rotate_half(q) * 0 == q` exactly), and attention is a
-registered function that evaluates LM-Infinite / causal attention literally from
-raw q and k with `helpers.reference.pairwise_logits` (rotation by the rotary
-distance of every query-key pair). Everything else - norms (Qwen3's q/k RMSNorm,
-Phi's LayerNorm), MoE routing, partial rotary slicing, parallel residuals, biases -
-is transformers' code.
+Their float64 reference is helpers.reference.Reference, the same as Llama's.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from vllm_lminf.tools.tiny_checkpoint import _tokenizer_vocab_size, make_tokenizer
-
-from .reference import causal_delta, lm_infinite_delta, pairwise_logits
+from helpers.tiny_checkpoint import _tokenizer_vocab_size, make_tokenizer
 
 F64 = torch.float64
 
@@ -183,100 +174,8 @@ def make_family_checkpoint(
 
 
 # --------------------------------------------------------------------------
-# float64 reference
+# stock transformers (float32 by default), for features-off comparisons
 # --------------------------------------------------------------------------
-_ATTN_NAME = "lminf_float64_reference"
-_CURRENT: dict = {}
-
-
-def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [1, H, T, D], key/value [1, KV, T, D] (unrotated); returns [1, T, H, D]."""
-    st = _CURRENT
-    q = query[0].to(F64) * st["q_scale"]
-    k, v = key[0].to(F64), value[0].to(F64)
-    rep = q.shape[0] // k.shape[0]
-    k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
-    logits = pairwise_logits(q, k, st["delta"], st["inv_freq"]) * scaling
-    out = torch.softmax(logits, dim=-1) @ v
-    return out.transpose(0, 1)[None].to(query.dtype), None
-
-
-def _register() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(_ATTN_NAME, _reference_attention)
-    AttentionMaskInterface.register(_ATTN_NAME, sdpa_mask)  # built, then ignored
-
-
-def _identity_rotary(module: torch.nn.Module) -> None:
-    rot = 2 * module.inv_freq.numel()
-
-    def forward(x, position_ids, *args, **kwargs):
-        shape = (*position_ids.shape, rot)
-        return torch.ones(shape, dtype=x.dtype), torch.zeros(shape, dtype=x.dtype)
-
-    module.forward = forward
-
-
-class RefFamily:
-    """float64 teacher-forced forward of a `make_family_checkpoint` checkpoint with
-    causal, LM-Infinite and/or CLEX attention. Same interface as `RefLlama.logprobs`."""
-
-    def __init__(self, ckpt_dir: str | Path):
-        import transformers as tf
-
-        _register()
-        self.ckpt_dir = Path(ckpt_dir)
-        config = tf.AutoConfig.from_pretrained(str(self.ckpt_dir))
-        rope = dict(config.rope_parameters or {})
-        self.rope_theta = float(rope["rope_theta"])
-        # CLEX checkpoints: HF has no 'clex' rope type; build the model with plain RoPE
-        # (whose rotation is disabled below anyway) and leave the CLEX tensors unused.
-        plain = {k: v for k, v in rope.items() if k in ("rope_theta", "partial_rotary_factor")}
-        if getattr(config, "rope_scaling", None) is not None:  # may alias rope_parameters
-            config.rope_scaling = None
-        config.rope_parameters = dict(plain, rope_type="default")
-        self.model = tf.AutoModelForCausalLM.from_pretrained(
-            str(self.ckpt_dir), config=config, dtype=F64, attn_implementation=_ATTN_NAME,
-            experts_implementation="eager",  # grouped_mm has no float64
-        ).eval()
-        rotaries = [m for m in self.model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
-        assert rotaries, "no rotary module found"
-        for m in rotaries:
-            _identity_rotary(m)
-        self.rotary_dim = 2 * rotaries[0].inv_freq.numel()
-
-    def config_inv_freq(self) -> torch.Tensor:
-        r = self.rotary_dim
-        return 1.0 / (self.rope_theta ** (torch.arange(0, r, 2, dtype=F64) / r))
-
-    @torch.no_grad()
-    def logprobs(
-        self,
-        token_ids: Sequence[int],
-        *,
-        lm_infinite: tuple[int, int, float] | None = None,
-        inv_freq_for_len: Callable[[int], torch.Tensor] | None = None,
-        query_scale_for_len: Callable[[int], float] | None = None,
-    ) -> torch.Tensor:
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
-        T = ids.numel()
-        inv = self.config_inv_freq() if inv_freq_for_len is None else torch.as_tensor(inv_freq_for_len(T), dtype=F64)
-        if inv.numel() != self.rotary_dim // 2:
-            raise ValueError(f"inv_freq has {inv.numel()} entries, expected {self.rotary_dim // 2}")
-        _CURRENT.update(
-            delta=causal_delta(T) if lm_infinite is None else lm_infinite_delta(T, *lm_infinite),
-            inv_freq=inv,
-            q_scale=1.0 if query_scale_for_len is None else float(query_scale_for_len(T)),
-        )
-        try:
-            logits = self.model(input_ids=ids[None], use_cache=False).logits[0]
-        finally:
-            _CURRENT.clear()
-        return torch.log_softmax(logits.to(F64), dim=-1)
-
-
 def hf_logprobs(ckpt_dir: str | Path, token_ids: Sequence[int], dtype=torch.float32) -> torch.Tensor:
     """Stock transformers forward (its own RoPE and attention), [T, vocab] log-probs."""
     import transformers as tf
@@ -286,8 +185,3 @@ def hf_logprobs(ckpt_dir: str | Path, token_ids: Sequence[int], dtype=torch.floa
     with torch.no_grad():
         logits = model(input_ids=torch.as_tensor([list(token_ids)]), use_cache=False).logits[0]
     return torch.log_softmax(logits.to(F64), dim=-1)
-
-
-def token_logprobs(lp: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
-    """logprob of ids[i] given ids[:i], i >= 1."""
-    return lp[torch.arange(len(ids) - 1), torch.tensor(list(ids[1:]))]

@@ -1,5 +1,5 @@
 """Start and drive an OpenAI-compatible vLLM server (`python -m vllm_lminf serve`) from
-Python: used by the demo, the benchmarks and the tests."""
+Python: used by the benchmarks and the tests."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from helpers.engine import with_harness_path
 
 
 def free_port() -> int:
@@ -33,7 +35,8 @@ class Server:
         self.port = free_port()
         self.args = list(args)
         self.plugin = plugin
-        self.env = dict(os.environ, **(env or {}))
+        # the server imports lminf_kernels from this work tree
+        self.env = with_harness_path(dict(os.environ, **(env or {})))
         if not plugin:
             self.env["VLLM_PLUGINS"] = "none-such-plugin"
         self.log_path = Path(log) if log else None

@@ -1,6 +1,7 @@
 """Qwen3, Mixtral, Phi and GPT-NeoX under the plugin, end to end (CPU, float32).
 
-Per family, on tiny random checkpoints built by transformers (tests/helpers/families.py):
+Per family, on tiny random checkpoints built by transformers (tests/helpers/families.py),
+against the float64 reference of every family (tests/helpers/reference.py):
   (a) plugin features off: nothing is swapped and the output is stock vLLM's
       (bit-identical for Qwen3/Mixtral, whose override is vLLM's own class); Phi and
       GPT-NeoX, which vLLM serves only through its Transformers backend, are our
@@ -19,16 +20,10 @@ import types
 import pytest
 import torch
 
-from vllm_lminf.isolated import run_engine
-from helpers.families import (
-    ARCHITECTURE,
-    FAMILIES,
-    ROPE_THETA,
-    RefFamily,
-    hf_logprobs,
-    make_family_checkpoint,
-    token_logprobs,
-)
+from helpers.engine import run_engine
+from helpers.families import ARCHITECTURE, FAMILIES, ROPE_THETA, hf_logprobs, make_family_checkpoint
+from helpers.probe import plugin_layers
+from helpers.reference import Reference, token_logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +34,6 @@ MAX_FACTOR = 4
 CLEX_SCALING = {"type": "clex", "max_factor": MAX_FACTOR, "param_factor": 1, "act": "tanh", "time_dt": 0.01}
 TOL = 2e-4
 
-INSPECT = (
-    "from vllm_lminf.attention import LMInfAttention\n"
-    "m = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model\n"
-    "extra = {'class': type(m).__name__, 'swapped': sum(isinstance(x, LMInfAttention) for x in m.modules())}\n"
-)
-
-
 def rand_ids(n: int, rng: random.Random) -> list[int]:
     return [rng.randrange(3, 380) for _ in range(n)]
 
@@ -55,7 +43,7 @@ def as_t(values) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, module_seed):
     cache: dict = {}
 
     def get(family: str, kind: str = "plain"):
@@ -69,7 +57,7 @@ def checkpoints(tmp_path_factory):
                 prefix = "gpt_neox.clex_layer." if family == "gpt_neox" else "model.clex_layer."
                 cache[key] = make_family_checkpoint(
                     family, root, max_position_embeddings=L, seed=12, clex=CLEX_SCALING,
-                    clex_seed=random.randrange(1 << 20), clex_prefix=prefix, extra_config={"log_scale": True},
+                    clex_seed=module_seed, clex_prefix=prefix, extra_config={"log_scale": True},
                 )
         return cache[key]
 
@@ -77,13 +65,13 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_switch_off_is_stock(family, checkpoints):
+def test_switch_off_is_stock(family, checkpoints, seed):
     path = checkpoints(family)
-    rng = random.Random()
+    rng = random.Random(seed)
     prompts = [rand_ids(n, rng) for n in (60, 33, 2)]
     engine = dict(max_model_len=L)
     sampling = dict(max_tokens=4, prompt_logprobs=0, logprobs=0)
-    ours = run_engine(path, prompts, engine=engine, sampling=sampling, script=INSPECT)
+    ours = run_engine(path, prompts, engine=engine, sampling=sampling, probe=plugin_layers)
     stock = run_engine(path, prompts, engine=engine, sampling=sampling, plugin=False)
     assert ours["extra"] == {"class": "LMInf" + ARCHITECTURE[family], "swapped": 0}
     for p, o, s in zip(prompts, ours["results"], stock):
@@ -100,18 +88,18 @@ def test_switch_off_is_stock(family, checkpoints):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lm_infinite_matches_float64_reference(family, checkpoints):
+def test_lm_infinite_matches_float64_reference(family, checkpoints, seed):
     """A 200-token prompt at trained length 64, chunked prefill (64 tokens per step)
     mixed with decodes of the shorter prompts."""
     path = checkpoints(family)
-    rng = random.Random()
+    rng = random.Random(seed)
     prompts = [rand_ids(n, rng) for n in (200, 70, 3)]
     engine = dict(max_model_len=1024, max_num_batched_tokens=64,
                   hf_overrides={"lm_infinite": {"n_global": G, "n_local": W, "distance_limit": D}})
     out = run_engine(path, prompts, engine=engine, sampling=dict(max_tokens=5, prompt_logprobs=0, logprobs=0),
-                     script=INSPECT)
+                     probe=plugin_layers)
     assert out["extra"]["swapped"] == N_LAYERS
-    ref = RefFamily(path)
+    ref = Reference(path)
     for p, o in zip(prompts, out["results"]):
         seq = p + o["tokens"]
         got = as_t(o["prompt_logprobs"][1:] + o["logprobs"])
@@ -145,18 +133,18 @@ def torchdiffeq_frequencies(path, rotary_dim: int, base: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_clex_matches_float64_reference(family, checkpoints):
+def test_clex_matches_float64_reference(family, checkpoints, seed):
     """Four prompts in t = 1, 2, 3, 4 scheduled in one step; each equals the float64
     CLEX forward (frequencies from torchdiffeq, log-scaled queries)."""
     path = checkpoints(family, "clex")
-    ref = RefFamily(path)
+    ref = Reference(path)
     freqs = torchdiffeq_frequencies(path, ref.rotary_dim, ROPE_THETA[family])
-    rng = random.Random()
+    rng = random.Random(seed)
     prompts = [rand_ids(n, rng) for n in (50, 100, 170, 250)]
     t_of = lambda S: min(max(1, math.ceil(S / L)), MAX_FACTOR)
     assert [t_of(len(p)) for p in prompts] == [1, 2, 3, 4]
     out = run_engine(path, prompts, engine=dict(max_model_len=L * MAX_FACTOR, max_num_batched_tokens=1024),
-                     sampling=dict(max_tokens=1, prompt_logprobs=0), script=INSPECT)
+                     sampling=dict(max_tokens=1, prompt_logprobs=0), probe=plugin_layers)
     assert out["extra"]["swapped"] == N_LAYERS
     for p, o in zip(prompts, out["results"]):
         lp = ref.logprobs(p, inv_freq_for_len=lambda S: freqs[t_of(S) - 1],
@@ -173,12 +161,12 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("family", sorted(VARIANTS))
-def test_native_model_variants_match_transformers(family, tmp_path):
+def test_native_model_variants_match_transformers(family, tmp_path, seed):
     """Config switches of the plugin's own models, features off, against transformers
     (float32): GPT-NeoX sequential residual + tied head + no attention bias + rotary_pct
     0.5; Phi q/k LayerNorm + grouped KV heads."""
     path = make_family_checkpoint(family, tmp_path / "m", max_position_embeddings=L, seed=13, **VARIANTS[family])
-    rng = random.Random()
+    rng = random.Random(seed)
     prompts = [rand_ids(n, rng) for n in (60, 17)]
     out = run_engine(path, prompts, engine=dict(max_model_len=L),
                      sampling=dict(max_tokens=4, prompt_logprobs=0, logprobs=0))
@@ -188,7 +176,7 @@ def test_native_model_variants_match_transformers(family, tmp_path):
         assert (got - token_logprobs(hf_logprobs(path, seq), seq)).abs().max().item() < 1e-4
 
 
-def test_gpt_neox_fused_qkv_split_follows_per_head_layout():
+def test_gpt_neox_fused_qkv_split_follows_per_head_layout(seed):
     """HF rows are [heads, 3, head_dim]; the split gives all q rows, all k, all v."""
     from vllm_lminf.gpt_neox import split_fused_qkv
 
@@ -207,7 +195,7 @@ def test_gpt_neox_fused_qkv_split_follows_per_head_layout():
 
 
 def test_unsupported_architecture_lists_the_supported_ones():
-    from vllm_lminf.startup import allowed_max_len
+    from vllm_lminf.max_len import allowed_max_len
 
     cfg = types.SimpleNamespace(architectures=["FalconForCausalLM"], lm_infinite={}, max_position_embeddings=L)
     with pytest.raises(ValueError, match="FalconForCausalLM") as err:

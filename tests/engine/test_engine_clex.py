@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from vllm_lminf.isolated import run_engine
-from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
-from helpers.reference import RefLlama, incremental_logprobs
+from helpers.engine import run_engine
+from helpers.reference import Reference, token_logprobs
+from helpers.tiny_checkpoint import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +55,14 @@ def t_of(S: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def clex_model(tmp_path_factory):
-    tensors = clex_tensors(seed=random.randrange(1 << 20))
+def clex_model(tmp_path_factory, module_seed):
+    tensors = clex_tensors(seed=module_seed)
     path = make_tiny_llama(
         tmp_path_factory.mktemp("clex"), max_position_embeddings=L, head_dim=HEAD, seed=5,
         extra_config={"rope_scaling": CLEX_SCALING, "log_scale": True}, extra_tensors=tensors,
     )
     freqs = torchdiffeq_frequencies(tensors)
-    ref = RefLlama(path, impl="fast")
+    ref = Reference(path)
     return path, freqs, ref
 
 
@@ -75,14 +75,13 @@ def ref_kwargs(freqs, lm_infinite=None):
 
 
 def ref_prompt_logprobs(ref, ids, freqs, lm_infinite=None):
-    lp = ref.logprobs(ids, **ref_kwargs(freqs, lm_infinite))
-    return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    return token_logprobs(ref.logprobs(ids, **ref_kwargs(freqs, lm_infinite)), ids)
 
 
 def ref_generated_logprobs(ref, seq, n_prompt, freqs, lm_infinite=None):
     """Token S (S >= n_prompt) is predicted by a step whose sequence length is S; each
     step re-rotates every cached raw key with its own t (the reference CLEX semantics)."""
-    return incremental_logprobs(ref, seq[:n_prompt], seq[n_prompt:], **ref_kwargs(freqs, lm_infinite))
+    return ref.incremental_logprobs(seq[:n_prompt], seq[n_prompt:], **ref_kwargs(freqs, lm_infinite))
 
 
 def rand_ids(n, rng):
@@ -95,11 +94,11 @@ def test_frequencies_really_change_with_t(clex_model):
         assert (freqs[a + 1] / freqs[a] - 1).abs().max() > 1e-2
 
 
-def test_prompts_in_different_t_in_one_batch_match_reference(clex_model):
+def test_prompts_in_different_t_in_one_batch_match_reference(clex_model, seed):
     """Four prompts landing in t = 1, 2, 3, 4, scheduled together in one step (no
     chunking): each matches the float64 CLEX forward of that sequence alone."""
     path, freqs, ref = clex_model
-    rng = random.Random()
+    rng = random.Random(seed)
     prompts = [rand_ids(n, rng) for n in (100, 200, 300, 500)]
     outs = run_engine(path, prompts, engine=dict(max_model_len=L * MAX_FACTOR, max_num_batched_tokens=2048),
                       sampling=dict(max_tokens=1, prompt_logprobs=0))
@@ -110,11 +109,11 @@ def test_prompts_in_different_t_in_one_batch_match_reference(clex_model):
         assert (got - want).abs().max().item() < 2e-4, (len(p), (got - want).abs().max())
 
 
-def test_generation_across_a_t_boundary_rerotates_everything(clex_model):
+def test_generation_across_a_t_boundary_rerotates_everything(clex_model, seed):
     """A 120-token prompt generating 30 tokens crosses S = 128 (t 1 -> 2); each token's
     logprob equals the reference that re-rotates every key at that step's t."""
     path, freqs, ref = clex_model
-    rng = random.Random()
+    rng = random.Random(seed)
     prompt = rand_ids(120, rng)
     other = rand_ids(300, rng)  # decoded alongside, at t = 3
     outs = run_engine(path, [prompt, other], engine=dict(max_model_len=L * MAX_FACTOR),
@@ -132,11 +131,11 @@ def test_beyond_the_cap_is_refused_without_lm_infinite(clex_model):
         run_engine(path, [[5, 6]], engine=dict(max_model_len=L * MAX_FACTOR + 1))
 
 
-def test_clex_with_lm_infinite_past_the_cap(clex_model):
+def test_clex_with_lm_infinite_past_the_cap(clex_model, seed):
     """CLEX frequencies at min(ceil(S/L), max_factor) with the Λ window and distance
     clamp on top, on a prompt past L * max_factor."""
     path, freqs, ref = clex_model
-    rng = random.Random()
+    rng = random.Random(seed)
     prompt = rand_ids(700, rng)
     lminf = (4, 64, 64)
     overrides = {"lm_infinite": {"n_global": 4, "n_local": 64, "distance_limit": 64}}

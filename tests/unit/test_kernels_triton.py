@@ -26,7 +26,7 @@ try:
     import triton
     import triton.language as tl
 
-    import lminf_kernels.triton_lambda as triton_lambda
+    import lminf_kernels.raw_triton as triton_lambda
 except Exception as exc:  # pragma: no cover - depends on the environment
     _SKIP = f"triton unavailable: {type(exc).__name__}: {exc}"
 if _SKIP is None and not ON_GPU and _TOO_LATE:
@@ -171,16 +171,16 @@ def _cpu_params():
 @pytest.mark.parametrize(
     "seq_lens,q_lens,pattern,bs,hq,hkv,dh,rot,neox,dtype,knobs", _gpu_cases() if ON_GPU else _cpu_params()
 )
-def test_matches_naive(seq_lens, q_lens, pattern, bs, hq, hkv, dh, rot, neox, dtype, knobs):
-    seed = hash((tuple(seq_lens), tuple(q_lens), bs, hq, dh, rot, neox)) & 0xFFFF
-    run_case(seq_lens, q_lens, pattern, bs, hq, hkv, dh, rot, neox, dtype, seed, **knobs)
+def test_matches_naive(seq_lens, q_lens, pattern, bs, hq, hkv, dh, rot, neox, dtype, knobs, seed):
+    case = hash((tuple(seq_lens), tuple(q_lens), bs, hq, dh, rot, neox)) & 0xFFFF  # ints only: stable
+    run_case(seq_lens, q_lens, pattern, bs, hq, hkv, dh, rot, neox, dtype, seed * 0x10000 + case, **knobs)
 
 
-def test_tiling_knobs_do_not_change_results():
+def test_tiling_knobs_do_not_change_results(seed):
     """block_m / block_n / num_splits only change the schedule, not the math."""
     seq_lens, q_lens = [90, 40, 0, 77], [12, 1, 0, 1]
     pattern = P(5, 24, 24)
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(seed + 7)
     query, cache, table, qsl = make_batch(seq_lens, q_lens, 4, 2, 16, 16, F32, gen)
     kw = dict(pattern=pattern, style=RopeStyle(16, True), inv_freq=inv_freq_for(16), scale=0.25)
     args = (query.to(DEVICE), cache.to(DEVICE), table.to(DEVICE), qsl, seq_lens)
@@ -191,13 +191,13 @@ def test_tiling_knobs_do_not_change_results():
         assert rel_err(got, ref) < 1e-6, knobs
 
 
-def test_per_sequence_frequencies_query_scale_and_list_inputs():
+def test_per_sequence_frequencies_query_scale_and_list_inputs(seed):
     """CLEX hook: [num_seqs, R/2] frequencies and a per-sequence query multiplier;
     list and tensor forms of the metadata give identical results."""
     seq_lens, q_lens = [40, 70, 9], [40, 1, 3]
     pattern = P(2, 16, 16)
     style = RopeStyle(16, True)
-    gen = torch.Generator().manual_seed(11)
+    gen = torch.Generator().manual_seed(seed + 11)
     query, cache, table, qsl = make_batch(seq_lens, q_lens, 4, 2, 16, 32, F32, gen)
     inv = torch.stack([inv_freq_for(16, base) for base in (1e4, 3e4, 5e5)])
     scales = [1.0, 1.3, 0.9]
@@ -214,12 +214,12 @@ def test_per_sequence_frequencies_query_scale_and_list_inputs():
     assert torch.equal(got_list, got_tensor)
 
 
-def test_strided_cache_and_out():
+def test_strided_cache_and_out(seed):
     """A cache view that is not contiguous (token-major storage permuted to the
     head-major layout) and a strided `out` are honoured."""
     seq_lens, q_lens = [70, 33], [6, 1]
     pattern = P(3, 20, 20)
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(seed + 3)
     query, cache, table, qsl = make_batch(seq_lens, q_lens, 4, 2, 16, 16, F32, gen)
     kw = dict(pattern=pattern, style=RopeStyle(16, False), inv_freq=inv_freq_for(16), scale=0.25)
     want = lambda_paged_attention_naive(query, cache, table, qsl, seq_lens, **kw)
@@ -235,11 +235,11 @@ def test_strided_cache_and_out():
     assert torch.isnan(big[:, :, :5]).all() and torch.isnan(big[:, :, 21:]).all()
 
 
-def test_positions_past_one_million():
+def test_positions_past_one_million(seed):
     """A chunk at position ~1.2M, whose block table points at a NaN block everywhere
     outside the global and window blocks, equals a short sequence with the same
     global and window tokens."""
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(seed + 5)
     bs, hkv, hq, dh = 32, 2, 4, 16
     pattern = P(10, 64, 64)
     style = RopeStyle(dh, True)
@@ -280,10 +280,10 @@ if _SKIP is None:
         tl.store(c_ptr + offs, c, mask=m)
 
 
-def test_sincos_accuracy():
+def test_sincos_accuracy(seed):
     """The in-kernel sin/cos: within a few float32 ulps of the angle itself, from tiny
     angles to positions in the millions."""
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed + 1)
     x = torch.cat([
         torch.linspace(-10, 10, 2001),
         torch.rand(2000, generator=gen) * 5000,

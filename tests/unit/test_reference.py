@@ -1,24 +1,30 @@
-"""Validate the float64 reference forward in tests/helpers/reference.py."""
+"""Validate the float64 reference forward in tests/helpers/reference.py (one reference for
+every family): against transformers' own forward, and against the formula written out."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
-from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+from helpers.families import FAMILIES, hf_logprobs, make_family_checkpoint
 from helpers.reference import (
-    RefLlama,
+    Reference,
     causal_delta,
     default_inv_freq,
     lm_infinite_delta,
     pairwise_logits,
+    step_delta,
+    token_logprobs,
 )
+from helpers.tiny_checkpoint import make_tiny_llama
 
 
-def _ids(n: int, vocab: int, seed: int = 0) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
+def _ids(n: int, vocab: int, seed: int, k: int = 0) -> list[int]:
+    """Random token ids; `seed` is the test's (conftest), `k` tells draws within a test apart."""
+    g = torch.Generator().manual_seed(seed * 1000 + k)
     return [1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist()
 
 
@@ -29,7 +35,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref(ckpt):
-    return RefLlama(ckpt)
+    return Reference(ckpt)
 
 
 # --------------------------------------------------------------------------
@@ -63,10 +69,9 @@ def _hf_logprobs(ckpt, ids: list[int], monkeypatch) -> torch.Tensor:
     return torch.log_softmax(out.to(torch.float64), -1)
 
 
-@pytest.mark.parametrize("impl", ["pairwise", "fast"])
-def test_matches_hf_transformers(ckpt, monkeypatch, impl):
-    ids = _ids(40, 384, seed=1)
-    ref = RefLlama(ckpt, impl=impl)
+def test_matches_hf_transformers(ckpt, monkeypatch, seed):
+    ids = _ids(40, 384, seed, 1)
+    ref = Reference(ckpt)
     ours = ref.logprobs(ids)
     theirs = _hf_logprobs(ckpt, ids, monkeypatch)
     assert ours.shape == (40, ref.vocab)
@@ -82,21 +87,21 @@ def test_matches_hf_transformers(ckpt, monkeypatch, impl):
         dict(num_heads=4, num_kv_heads=4, tie_word_embeddings=True, extra_config={"attention_bias": True}),
     ],
 )
-def test_gqa_tied_bias_match_hf(tmp_path, monkeypatch, kw):
+def test_gqa_tied_bias_match_hf(tmp_path, monkeypatch, kw, seed):
     ckpt = make_tiny_llama(tmp_path, seed=3, **kw)
-    ids = _ids(24, 384, seed=2)
-    ours = RefLlama(ckpt).logprobs(ids)
+    ids = _ids(24, 384, seed, 2)
+    ours = Reference(ckpt).logprobs(ids)
     theirs = _hf_logprobs(ckpt, ids, monkeypatch)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-9)
 
 
-def test_linear_rope_scaling_matches_hf(tmp_path, monkeypatch):
+def test_linear_rope_scaling_matches_hf(tmp_path, monkeypatch, seed):
     ckpt = make_tiny_llama(tmp_path, extra_config={"rope_scaling": {"rope_type": "linear", "factor": 4.0}})
-    ids = _ids(20, 384, seed=4)
-    ref = RefLlama(ckpt)
+    ids = _ids(20, 384, seed, 4)
+    ref = Reference(ckpt)
     ours = ref.logprobs(ids)
     # Linear scaling == frequencies divided by the factor.
-    base = RefLlama(ckpt)
+    base = Reference(ckpt)
     base.rope_scaling = None
     alt = base.logprobs(ids, inv_freq_for_len=lambda S: default_inv_freq(ref.rotary_dim, 10000.0) / 4.0)
     torch.testing.assert_close(ours, alt, rtol=0, atol=1e-12)
@@ -114,7 +119,7 @@ def test_linear_rope_scaling_matches_hf(tmp_path, monkeypatch):
 
 def test_unsupported_scaling_raises(tmp_path):
     ckpt = make_tiny_llama(tmp_path, extra_config={"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
-    ref = RefLlama(ckpt)
+    ref = Reference(ckpt)
     with pytest.raises(NotImplementedError):
         ref.logprobs([1, 5, 6])
     # Explicit frequencies bypass the config's scaling.
@@ -124,17 +129,15 @@ def test_unsupported_scaling_raises(tmp_path):
 # --------------------------------------------------------------------------
 # LM-Infinite semantics
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", ["pairwise", "fast"])
-def test_lm_infinite_wide_window_is_causal(ckpt, impl):
-    ref = RefLlama(ckpt, impl=impl)
-    ids = _ids(30, ref.vocab, seed=5)
+def test_lm_infinite_wide_window_is_causal(ref, seed):
+    ids = _ids(30, ref.vocab, seed, 5)
     plain = ref.logprobs(ids)
     for G, W, d in [(0, 30, 5), (4, 30, 2), (2, 100, 1000)]:
         torch.testing.assert_close(ref.logprobs(ids, lm_infinite=(G, W, d)), plain, rtol=0, atol=1e-12)
 
 
-def test_lm_infinite_changes_output(ref):
-    ids = _ids(30, ref.vocab, seed=6)
+def test_lm_infinite_changes_output(ref, seed):
+    ids = _ids(30, ref.vocab, seed, 6)
     plain = ref.logprobs(ids)
     lmi = ref.logprobs(ids, lm_infinite=(2, 6, 6))
     # Positions whose window still covers everything are unchanged ...
@@ -167,8 +170,18 @@ def _explicit_rotate(vec: torch.Tensor, delta: float, inv_freq: torch.Tensor) ->
     return out
 
 
-def test_pairwise_identity_against_explicit_rotation():
-    g = torch.Generator().manual_seed(7)
+def test_step_delta_rows_are_the_whole_sequence_rows():
+    """Queries at the end of a sequence (a decode step, a prefill chunk) see the rows of
+    the whole sequence's matrix."""
+    for lmi in (None, (2, 3, 9.0), (0, 1, 1.0)):
+        full = causal_delta(10) if lmi is None else lm_infinite_delta(10, *lmi)
+        part = step_delta(torch.arange(6, 10), 10, lmi)
+        assert torch.equal(torch.isnan(part), torch.isnan(full[6:]))
+        assert torch.equal(torch.nan_to_num(part), torch.nan_to_num(full[6:]))
+
+
+def test_pairwise_identity_against_explicit_rotation(seed):
+    g = torch.Generator().manual_seed(seed)
     H, T, D = 2, 9, 12
     q = torch.randn(H, T, D, generator=g, dtype=torch.float64)
     k = torch.randn(H, T, D, generator=g, dtype=torch.float64)
@@ -191,17 +204,26 @@ def test_pairwise_identity_against_explicit_rotation():
     assert abs(float(lhs - rhs)) < 1e-12
 
 
-def _brute_force_logprobs(ref: RefLlama, ids: list[int], G: int, W: int, dist: float) -> torch.Tensor:
-    """Whole forward with attention written as a python double loop."""
-    w, T = ref.w, len(ids)
-    H, KV, D = ref.n_heads, ref.n_kv, ref.head_dim
-    inv = ref.config_inv_freq()
+def _brute_force_logprobs(ckpt, ids: list[int], G: int, W: int, dist: float) -> torch.Tensor:
+    """Whole Llama forward from the checkpoint's files (config.json, safetensors), written
+    out by hand, with attention as a python double loop."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    w = {k: v.double() for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+    T = len(ids)
+    H, KV, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    inv = default_inv_freq(D, cfg["rope_theta"])
+    eps = cfg["rms_norm_eps"]
+    lm_head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
 
     def rms(x, name):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ref.eps) * w[name]
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w[name]
 
     x = w["model.embed_tokens.weight"][torch.tensor(ids)]
-    for layer in range(ref.n_layers):
+    for layer in range(cfg["num_hidden_layers"]):
         p_ = f"model.layers.{layer}."
         h = rms(x, p_ + "input_layernorm.weight")
         q = (h @ w[p_ + "self_attn.q_proj.weight"].T).view(T, H, D)
@@ -230,32 +252,36 @@ def _brute_force_logprobs(ref: RefLlama, ids: list[int], G: int, W: int, dist: f
         u = h @ w[p_ + "mlp.up_proj.weight"].T
         x = x + (torch.nn.functional.silu(g) * u) @ w[p_ + "mlp.down_proj.weight"].T
     x = rms(x, "model.norm.weight")
-    return torch.log_softmax(x @ ref.lm_head.T, -1)
+    return torch.log_softmax(x @ lm_head.T, -1)
 
 
-@pytest.mark.parametrize("impl", ["pairwise", "fast"])
-def test_lm_infinite_brute_force(ckpt, impl):
-    ref = RefLlama(ckpt, impl=impl)
-    ids = _ids(12, ref.vocab, seed=8)
-    want = _brute_force_logprobs(ref, ids, G=2, W=4, dist=4.0)
+def test_lm_infinite_brute_force(ckpt, ref, seed):
+    ids = _ids(12, ref.vocab, seed, 8)
+    want = _brute_force_logprobs(ckpt, ids, G=2, W=4, dist=4.0)
     got = ref.logprobs(ids, lm_infinite=(2, 4, 4))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_pairwise_equals_fast_long(ckpt):
-    a, b = RefLlama(ckpt, impl="pairwise"), RefLlama(ckpt, impl="fast")
-    ids = _ids(200, a.vocab, seed=9)
-    for lmi in [None, (4, 32, 32), (1, 10, 50)]:
-        torch.testing.assert_close(
-            a.logprobs(ids, lm_infinite=lmi), b.logprobs(ids, lm_infinite=lmi), rtol=0, atol=1e-10
-        )
+@pytest.mark.parametrize("family", FAMILIES)
+def test_families_match_transformers_forward(family, tmp_path, seed):
+    """Per family, the reference (unrotated q/k, literal pairwise attention, float64 norms
+    and router) equals transformers' own float64 forward (its rotary module, eager
+    attention); transformers computes its rotary angles and some norms in float32, hence
+    the tolerance. LM-Infinite with a window covering the whole sequence is causal."""
+    path = make_family_checkpoint(family, tmp_path / family, max_position_embeddings=64, seed=11)
+    ref = Reference(path)
+    ids = _ids(50, ref.vocab, seed, 12)
+    ours = ref.logprobs(ids)
+    torch.testing.assert_close(ours, hf_logprobs(path, ids, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ref.logprobs(ids, lm_infinite=(3, 50, 7)), ours, rtol=0, atol=1e-12)
+    assert (ref.logprobs(ids, lm_infinite=(3, 8, 8)) - ours).abs().max() > 1e-3
 
 
 # --------------------------------------------------------------------------
 # CLEX-style hooks and generation
 # --------------------------------------------------------------------------
-def test_length_callables_and_greedy(ref):
-    ids = _ids(10, ref.vocab, seed=10)
+def test_length_callables_and_greedy(ref, seed):
+    ids = _ids(10, ref.vocab, seed, 10)
     seen = []
 
     def inv_for_len(S):
@@ -294,20 +320,32 @@ def test_tokenizer_roundtrip(ckpt):
     assert tok.decode(enc, skip_special_tokens=True) == text
 
 
-def test_incremental_equals_full_recompute_when_nothing_depends_on_the_step(tmp_path):
+def test_incremental_equals_full_recompute_when_nothing_depends_on_the_step(tmp_path, seed):
     """With fixed frequencies and no query scale, generating step by step from a cache
     of raw keys is the same computation as re-running the whole sequence."""
-    import random
-
-    from helpers.reference import RefLlama, incremental_logprobs
-
     path = make_tiny_llama(tmp_path / "m", max_position_embeddings=64, seed=11)
-    ref = RefLlama(path, impl="fast")
-    rng = random.Random()
+    ref = Reference(path)
+    rng = random.Random(seed)
     prompt = [rng.randrange(3, 300) for _ in range(40)]
     new = [rng.randrange(3, 300) for _ in range(6)]
     for lminf in (None, (2, 8, 8)):
-        inc = incremental_logprobs(ref, prompt, new, lm_infinite=lminf)
+        inc = ref.incremental_logprobs(prompt, new, lm_infinite=lminf)
         seq = prompt + new
         full = torch.stack([ref.logprobs(seq[:S], lm_infinite=lminf)[-1, seq[S]] for S in range(40, 46)])
         assert (inc - full).abs().max().item() < 1e-10
+
+
+def test_incremental_uses_each_step_frequencies(tmp_path, seed):
+    """CLEX semantics: the first generated token comes from the prompt's own step (a full
+    forward at S = len(prompt)); later steps reuse raw keys computed at earlier steps, so
+    with length-dependent frequencies they differ from a full recompute at their S."""
+    path = make_tiny_llama(tmp_path / "m", max_position_embeddings=64, seed=11)
+    ref = Reference(path)
+    rng = random.Random(seed)
+    ids = [rng.randrange(3, 300) for _ in range(12)]
+    kw = dict(inv_freq_for_len=lambda S: ref.config_inv_freq() * (1 + 0.05 * S),
+              query_scale_for_len=lambda S: 1 + S / 50)
+    inc = ref.incremental_logprobs(ids[:8], ids[8:], **kw)
+    full = torch.stack([ref.logprobs(ids[:S], **kw)[-1, ids[S]] for S in range(8, 12)])
+    assert abs(inc[0].item() - full[0].item()) < 1e-10
+    assert (inc - full)[1:].abs().min().item() > 1e-8

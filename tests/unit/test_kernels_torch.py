@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from lminf_kernels.lambda_attention import lambda_paged_attention
+from lminf_kernels.raw_torch import lambda_paged_attention
 from lminf_kernels.naive import lambda_attention_dense, lambda_paged_attention_naive
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle, cos_sin, rotate
@@ -69,8 +69,7 @@ def make_inv_freq(rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
         (False, 6, 4, 4, LambdaPattern(20, 4, 2)),  # G larger than the sequence
     ],
 )
-def test_naive_matches_formula(neox, rotary_dim, hq, hkv, pattern):
-    torch.manual_seed(random.randrange(1 << 30))
+def test_naive_matches_formula(neox, rotary_dim, hq, hkv, pattern, seed):
     s, dh = 13, 8
     style = RopeStyle(rotary_dim, neox)
     q = torch.randn(s, hq, dh)
@@ -82,10 +81,9 @@ def test_naive_matches_formula(neox, rotary_dim, hq, hkv, pattern):
     assert rel_err(got, want) < 1e-12
 
 
-def test_naive_full_window_is_causal_rope():
+def test_naive_full_window_is_causal_rope(seed):
     """With n_local >= length, Λ attention is ordinary causal attention with RoPE
     applied at absolute positions (the stock formulation)."""
-    torch.manual_seed(random.randrange(1 << 30))
     s, h, dh = 20, 2, 16
     style = RopeStyle(dh, True)
     inv = make_inv_freq(dh).double()
@@ -159,7 +157,6 @@ CASES = [
 def case_inputs(case, neox):
     """Fresh random inputs for one CASES entry: (raw cache, table, qsl, query, kw); kw holds
     the pattern, rotary style (partial rotary for GPT-J), frequencies and scale."""
-    torch.manual_seed(random.randrange(1 << 30))
     seq_lens, q_lens, pattern, bs, _ = case
     hq, hkv, dh = 6, 2, 16
     style = RopeStyle(12 if not neox else 16, neox)
@@ -174,7 +171,7 @@ def case_inputs(case, neox):
 
 @pytest.mark.parametrize("neox", [True, False])
 @pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
-def test_fast_matches_naive(case, neox):
+def test_fast_matches_naive(case, neox, seed):
     seq_lens, q_lens, pattern, _, tile = case
     cache, table, qsl, query, kw = case_inputs(case, neox)
     want = lambda_paged_attention_naive(query, cache, table, qsl, seq_lens, **kw)
@@ -184,9 +181,8 @@ def test_fast_matches_naive(case, neox):
     assert rel_err(got, want) < 1e-5
 
 
-def test_per_sequence_frequencies_and_query_scale():
+def test_per_sequence_frequencies_and_query_scale(seed):
     """CLEX hook: each sequence its own frequency table and query multiplier."""
-    torch.manual_seed(random.randrange(1 << 30))
     seq_lens, q_lens = [40, 70, 9], [40, 1, 3]
     hq, hkv, dh = 4, 2, 16
     style = RopeStyle(dh, True)
@@ -209,8 +205,7 @@ def test_per_sequence_frequencies_and_query_scale():
         assert torch.equal(alone, got[qsl[i] : qsl[i + 1]])
 
 
-def test_bfloat16_inputs():
-    torch.manual_seed(random.randrange(1 << 30))
+def test_bfloat16_inputs(seed):
     seq_lens, q_lens = [90, 33], [30, 1]
     cache, table = build_paged(seq_lens, 2, 32, 32, dtype=torch.bfloat16)
     query = torch.randn(31, 4, 32).to(torch.bfloat16)
@@ -221,11 +216,10 @@ def test_bfloat16_inputs():
     assert rel_err(got, want) < 1e-2
 
 
-def test_positions_past_one_million_keep_precision():
+def test_positions_past_one_million_keep_precision(seed):
     """A decode/chunk at position ~1.2M reads only the global and window blocks and
     gives the same result as a short sequence with the same global and window
     tokens: rotation angles never depend on the absolute position."""
-    torch.manual_seed(random.randrange(1 << 30))
     bs, hkv, hq, dh = 32, 2, 4, 16
     pattern = LambdaPattern(10, 64, 64)
     style = RopeStyle(dh, True)

@@ -28,12 +28,6 @@ from vllm_lminf.clex import (
 )
 
 
-def _fresh_seed() -> int:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")  # shown by pytest on failure
-    return seed
-
-
 def _cfg(max_factor=8, param_factor=1, act="silu", time_dt=0.01, log_scale=False) -> ClexConfig:
     return ClexConfig(
         max_factor=max_factor, param_factor=param_factor, act=act, time_dt=time_dt, log_scale=log_scale
@@ -67,8 +61,8 @@ def _random_weights(d: int, lam: int, gen: torch.Generator, dtype=torch.float32)
 @pytest.mark.parametrize(
     "d,base,act", [(16, 10000.0, "tanh"), (32, 500000.0, "silu"), (128, 10000.0, "silu"), (64, 1e6, "tanh")]
 )
-def test_zero_down_proj_is_ntk_scaling(d, base, act):
-    gen = torch.Generator().manual_seed(_fresh_seed())
+def test_zero_down_proj_is_ntk_scaling(d, base, act, seed):
+    gen = torch.Generator().manual_seed(seed)
     max_factor = 8
     up, _ = _random_weights(d, 2, gen)
     down = torch.zeros(2 * d, d // 2)
@@ -160,8 +154,7 @@ def _torchdiffeq_solution(inv_freq, up, down, base, d, cfg, dtype):
 @pytest.mark.parametrize("act", ["silu", "tanh"])
 @pytest.mark.parametrize("lam", [1, 2])
 @pytest.mark.parametrize("time_dt", [0.01, 0.07])  # 0.07 exercises output-time interpolation
-def test_matches_torchdiffeq_rk4(act, lam, time_dt):
-    seed = _fresh_seed()
+def test_matches_torchdiffeq_rk4(act, lam, time_dt, seed):
     gen = torch.Generator().manual_seed(seed)
     d = int(torch.tensor([16, 32])[torch.randint(0, 2, (1,), generator=gen)])
     max_factor = int(torch.randint(4, 9, (1,), generator=gen))
@@ -194,8 +187,8 @@ def test_grid_matches_torchdiffeq_construction():
                 assert torch.equal(clex_time_grid(max_factor, dt, dtype), expected)
 
 
-def test_rhs_helper_agrees_with_reference_field():
-    gen = torch.Generator().manual_seed(_fresh_seed())
+def test_rhs_helper_agrees_with_reference_field(seed):
+    gen = torch.Generator().manual_seed(seed)
     d, base = 16, 10000.0
     up, down = _random_weights(d, 2, gen, dtype=torch.float64)
     z = torch.log(_std_inv_freq(base, d))
@@ -237,7 +230,8 @@ def test_module_does_not_import_vllm():
     __init__ that imports vLLM does not mask the check)."""
     import subprocess
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vllm_lminf", "clex.py")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "vllm_lminf", "clex.py")
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('_clex_standalone', {path!r})\n"

@@ -1,8 +1,8 @@
-"""Rotary position embedding on raw (unrotated) vectors, at arbitrary per-row distances.
+"""Rotary position embedding at arbitrary per-row distances.
 
-The plugin stores keys before rotation, so every rotation happens here, at small
-relative positions (bounded by the local window plus the query tile, or by the
-distance limit), never at the absolute position of a token.
+The raw-key paths rotate at small relative positions (bounded by the local window plus
+the query tile, or by the distance limit); the absolute path rotates at each token's
+absolute position with angles taken in float64 (`absolute_cos_sin`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tens
     """
     angles = positions.to(inv_freq.dtype).unsqueeze(-1) * inv_freq
     return angles.cos(), angles.sin()
+
+
+def absolute_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin of positions * inv_freq with the product taken in float64 (exact at
+    position 10^9 as at 10; a float32 angle table is not). For keys and queries rotated
+    at their absolute position (the CPU fast path)."""
+    c, s = cos_sin(positions, inv_freq.to(torch.float64))
+    return c.to(torch.float32), s.to(torch.float32)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: RopeStyle) -> torch.Tensor:

@@ -19,8 +19,8 @@ import sys
 
 import pytest
 
-from vllm_lminf.isolated import TEST_ENV, run_engine
-from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+from helpers.engine import TEST_ENV, run_engine, with_harness_path
+from helpers.tiny_checkpoint import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,8 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prompts():
-    rng = random.Random(1234)
+def prompts(module_seed):
+    rng = random.Random(module_seed)
     return [[rng.randrange(3, 380) for _ in range(n)] for n in (300, 287, 311)]
 
 
@@ -51,7 +51,8 @@ def baseline(tiny, prompts):
 def ray_cluster():
     ray = pytest.importorskip("ray")
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": dict(TEST_ENV)}, logging_level=logging.WARNING, log_to_driver=False)
+             runtime_env={"env_vars": with_harness_path(TEST_ENV)}, logging_level=logging.WARNING,
+             log_to_driver=False)
     try:
         yield ray
     finally:
@@ -150,7 +151,7 @@ def _batch(tiny, inp, out, replicas, address=None):
            "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--no-progress", "--wait-replicas", "300"]
     if address:
         cmd += ["--address", address]
-    env = dict(os.environ, **TEST_ENV)
+    env = with_harness_path(dict(os.environ, **TEST_ENV))
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
 

@@ -1,6 +1,7 @@
 """Steps an in-process LLM (VLLM_ENABLE_V1_MULTIPROCESSING=0) request by request and
 watches the KV pool while it works: peak blocks held per request, free blocks, preemptions.
-Used by the tests and benchmarks, typically inside `isolated.run_engine(script=...)`."""
+Used by the tests and benchmarks as probes of `helpers.engine.run_engine(probe=...)`:
+module-level functions `probe(llm, results, **args)` that return plain data."""
 
 from __future__ import annotations
 
@@ -116,3 +117,21 @@ def track(llm, prompts, *, max_tokens, abort=None, poison=False, logprobs=True):
         "max_running": max_running,
         "manager": type(single).__name__,
     }
+
+
+# --------------------------------------------------------------------------
+# Probes for run_engine(probe=..., probe_args=...)
+# --------------------------------------------------------------------------
+def tracked(llm, results, *, prompts, abort=None, **kw):
+    """`track(llm, prompts, **kw)` as a probe (run_engine is given no prompts of its own).
+    `abort`'s keys may arrive as strings (JSON object keys)."""
+    abort = {int(i): mode for i, mode in abort.items()} if abort else None
+    return track(llm, prompts, abort=abort, **kw)
+
+
+def plugin_layers(llm, results):
+    """The model class vLLM built and how many attention layers the plugin swapped in."""
+    from vllm_lminf.attention import LMInfAttention
+
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    return {"class": type(model).__name__, "swapped": sum(isinstance(m, LMInfAttention) for m in model.modules())}

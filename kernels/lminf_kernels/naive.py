@@ -1,7 +1,7 @@
 """Plain reference for Λ-shaped (LM-Infinite) attention: dense, one sequence at a time.
 
 Written for clarity, not speed: every (query, key) pair gets its own rotation by the
-distance the Λ pattern assigns it. The fast paths (`lambda_attention.py`, the Triton
+distance the Λ pattern assigns it. The fast paths (`raw_torch.py`, `absolute_cpu.py`, the Triton
 kernels) are tested against this; this is tested against the formula itself.
 """
 

@@ -1,6 +1,6 @@
 """Bounded KV memory: the Λ policy frees middle blocks, holds a bounded number per
 sequence, never reads what it freed, and keeps vLLM's scheduling behaviours right.
-Engines run in subprocesses (vllm_lminf.isolated) and are stepped by vllm_lminf.probe."""
+Engines run in subprocesses (helpers.engine) and are stepped by helpers.probe.track."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
-from vllm_lminf.isolated import run_engine
-from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
+from helpers.engine import run_engine
+from helpers.probe import tracked
+from helpers.tiny_checkpoint import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -24,21 +25,23 @@ def model(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("kv"), max_position_embeddings=128, seed=2)
 
 
-def prompts_of(lengths, seed=None):
+@pytest.fixture
+def prompts_of(seed):
+    """prompts_of(lengths): random prompts of those lengths (a new draw every call)."""
     rng = random.Random(seed)
-    return [[rng.randrange(3, 380) for _ in range(n)] for n in lengths]
+
+    def draw(lengths):
+        return [[rng.randrange(3, 380) for _ in range(n)] for n in lengths]
+
+    return draw
 
 
 def probe(model, prompts, *, overrides, max_tokens, engine=None, **kw):
-    args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
-    script = (
-        "from vllm_lminf import probe as engine_probe\n"
-        f"extra = engine_probe.track(llm, {prompts!r}, max_tokens={max_tokens}{', ' + args if args else ''})\n"
-    )
     eng = dict(max_model_len=65536, block_size=B, max_num_batched_tokens=128, hf_overrides=overrides)
     eng.update(engine or {})
     # generate() is given no prompts: all work happens in the probe
-    return run_engine(model, [], engine=eng, script=script)["extra"]
+    args = dict(kw, prompts=prompts, max_tokens=max_tokens)
+    return run_engine(model, [], engine=eng, probe=tracked, probe_args=args)["extra"]
 
 
 def same_outputs(a, b, tol=2e-4):
@@ -48,7 +51,7 @@ def same_outputs(a, b, tol=2e-4):
     assert (x - y).abs().max().item() <= tol
 
 
-def test_eviction_equals_keeping_every_block_and_never_reads_freed_blocks(model):
+def test_eviction_equals_keeping_every_block_and_never_reads_freed_blocks(model, prompts_of):
     """Mixed lengths in one batch; chunked prefill; with freed blocks poisoned
     after every step, outputs equal a run that keeps every block."""
     prompts = prompts_of([1500, 300, 40, 97])
@@ -64,7 +67,7 @@ def test_eviction_equals_keeping_every_block_and_never_reads_freed_blocks(model)
     assert kept["peak_held"]["r0"] >= 1520 // B
 
 
-def test_blocks_stay_bounded_over_16x_the_window_and_pool_recovers(model):
+def test_blocks_stay_bounded_over_16x_the_window_and_pool_recovers(model, prompts_of):
     out = probe(model, prompts_of([100]), overrides=LMINF, max_tokens=16 * W + 60)
     bound = out["bound"]
     # n_global blocks + window + in-flight chunk + 1 straddling block
@@ -74,7 +77,7 @@ def test_blocks_stay_bounded_over_16x_the_window_and_pool_recovers(model):
     assert out["free_end"] == out["free_start"]
 
 
-def test_aborts_mid_prefill_and_mid_decode_return_every_block(model):
+def test_aborts_mid_prefill_and_mid_decode_return_every_block(model, prompts_of):
     prompts = prompts_of([900, 700, 50])
     out = probe(model, prompts, overrides=LMINF, max_tokens=40, abort={0: "prefill", 1: "decode"})
     assert sorted(out["aborted"]) == ["r0", "r1"]
@@ -82,7 +85,7 @@ def test_aborts_mid_prefill_and_mid_decode_return_every_block(model):
     assert out["free_end"] == out["free_start"]
 
 
-def test_tiny_pool_serves_a_prompt_50x_its_size(model):
+def test_tiny_pool_serves_a_prompt_50x_its_size(model, prompts_of):
     """A pool of 20 blocks (640 tokens) cannot hold one full-attention sequence of
     the prompt's length; with the Λ policy a 32,000-token prompt is served, with
     the same result as keeping every block in a large pool."""
@@ -93,7 +96,7 @@ def test_tiny_pool_serves_a_prompt_50x_its_size(model):
     same_outputs(small["results"][0], kept["results"][0])
 
 
-def test_preemption_by_recompute_gives_identical_outputs(model):
+def test_preemption_by_recompute_gives_identical_outputs(model, prompts_of):
     """Short prompts are admitted together, then grow during decode towards the
     per-sequence bound: a 15-block pool cannot hold four of them, so vLLM preempts
     and recomputes. Outputs equal an unpressured run."""
@@ -105,7 +108,7 @@ def test_preemption_by_recompute_gives_identical_outputs(model):
         same_outputs(a, b)
 
 
-def test_prefix_caching_with_evicted_blocks_is_exact(model):
+def test_prefix_caching_with_evicted_blocks_is_exact(model, prompts_of):
     """The same long prompt twice with prefix caching on: the second request hits
     the cached global and still-resident blocks; results equal a no-cache run."""
     p = prompts_of([1200])[0]
@@ -116,14 +119,14 @@ def test_prefix_caching_with_evicted_blocks_is_exact(model):
         same_outputs(a, b)
 
 
-def test_pool_smaller_than_the_bound_fails_at_start_with_numbers(model):
+def test_pool_smaller_than_the_bound_fails_at_start_with_numbers(model, prompts_of):
     with pytest.raises(RuntimeError) as err:
         probe(model, prompts_of([10]), overrides=LMINF, max_tokens=1, engine=dict(num_gpu_blocks_override=5))
     msg = str(err.value)
     assert "needs up to 8 KV blocks per sequence" in msg and "only 4 usable blocks" in msg
 
 
-def test_million_token_max_len_on_a_small_pool_generates_past_200k(model):
+def test_million_token_max_len_on_a_small_pool_generates_past_200k(model, prompts_of):
     """max_model_len = 1,048,576 with a 64-block pool starts (the start-up check
     sees the bounded footprint) and one sequence grows past 200K tokens."""
     out = probe(model, prompts_of([200_100]), overrides=LMINF, max_tokens=16, logprobs=False,

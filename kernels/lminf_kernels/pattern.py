@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-# "No window": a local span longer than any sequence. Kept well inside int32/int64 range.
-UNBOUNDED = 1 << 62
+# "No limit": longer than any sequence the plugin lets vLLM hold (max_model_len is capped
+# here), and small enough for int32 position arithmetic in every kernel.
+UNBOUNDED = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,8 @@ class LambdaPattern:
     def __post_init__(self) -> None:
         for name, lo in (("n_global", 0), ("n_local", 1), ("distance_limit", 1)):
             val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+            if isinstance(val, bool) or not isinstance(val, int) or not lo <= val <= UNBOUNDED:
+                raise ValueError(f"{name} must be an integer in [{lo}, {UNBOUNDED}], got {val!r}")
 
     @classmethod
     def causal(cls) -> "LambdaPattern":
@@ -42,10 +43,6 @@ class LambdaPattern:
     def global_end(self, p):
         """Keys [0, global_end(p)) are seen through the global branch by query p."""
         return _clip(p - self.n_local + 1, 0, self.n_global)
-
-    def first_needed_token(self, p: int) -> int:
-        """No query at position >= p reads a key in [global tokens, this) again."""
-        return self.local_start(p)
 
 
 def _clip(x, lo: int, hi: int | None):

@@ -7,21 +7,21 @@ import random
 
 import pytest
 
-from vllm_lminf.isolated import TEST_ENV
-from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
-from vllm_lminf.server import Server
+from helpers.engine import TEST_ENV
+from helpers.tiny_checkpoint import make_tiny_llama
+from helpers.server import Server
 
 pytestmark = pytest.mark.slow
 
 
-def test_server_answers_past_the_trained_length_and_shuts_down_cleanly(tmp_path):
+def test_server_answers_past_the_trained_length_and_shuts_down_cleanly(tmp_path, seed):
     model = make_tiny_llama(tmp_path / "m", max_position_embeddings=128, seed=3)
     overrides = json.dumps({"lm_infinite": {"n_global": 4, "n_local": 64}})
     args = ["--max-model-len", "4096", "--dtype", "float32", "--hf-overrides", overrides, "--enforce-eager"]
     env = dict(TEST_ENV, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CACHE_ROOT=str(tmp_path),
                VLLM_RPC_BASE_PATH=str(tmp_path))
     words = "the of and to in is was for on that with as it by at from this be".split()
-    rng = random.Random()
+    rng = random.Random(seed)
     prompt = " ".join(rng.choice(words) for _ in range(400))
     srv = Server(model, args=args, env=env, log=tmp_path / "server.log")
     with srv:

@@ -1,7 +1,7 @@
 """Λ attention over a paged cache of raw keys: the Triton path (CUDA, or the Triton
 interpreter on CPU).
 
-Same semantics and entry-point signature as `lambda_attention.lambda_paged_attention`.
+Same semantics and entry-point signature as `raw_torch.lambda_paged_attention`.
 
 Design
 ------
@@ -57,8 +57,6 @@ import triton.language as tl
 from .pattern import LambdaPattern
 from .rope import RopeStyle
 
-# Positions are int32 in the kernel; "unbounded" pattern fields are clamped to this.
-_INT_CLAMP = 1 << 30
 _LOG2E = 1.4426950408889634
 
 
@@ -376,8 +374,8 @@ def plan_launch(num_tokens: int, num_seqs: int, hq: int, hkv: int, head_size: in
         programs = num_seqs * hkv
         if decode_only and num_sms and 0 < programs < 4 * num_sms:
             # aim at >= 4 programs per SM, each split keeping >= 4 key tiles
-            n_local = min(pattern.n_local, _INT_CLAMP)
-            max_tiles = -(-min(pattern.n_global, _INT_CLAMP) // block_n) + -(-(n_local + block_m) // block_n)
+            n_local = pattern.n_local
+            max_tiles = -(-pattern.n_global // block_n) + -(-(n_local + block_m) // block_n)
             num_splits = max(1, min(16, max_tiles // 4, -(-4 * num_sms // programs)))
     if num_warps is None:
         num_warps = 4 if rows * max(block_n, _pow2(head_size)) <= 16 * 64 else 8
@@ -479,7 +477,7 @@ def lambda_paged_attention_triton(
         block_table.stride(0), block_table.stride(1),
         freq_s0,
         out.stride(0), out.stride(1), out.stride(2),
-        min(pattern.n_global, _INT_CLAMP), min(pattern.n_local, _INT_CLAMP), float(pattern.distance_limit),
+        pattern.n_global, pattern.n_local, float(pattern.distance_limit),
         float(scale) * _LOG2E,
         GROUP=group, GROUP_P2=triton.next_power_of_2(group), BLOCK_M=plan.block_m, ROWS=plan.rows,
         BLOCK_N=plan.block_n, BLOCK_SIZE=bs,

@@ -1,6 +1,6 @@
 """Engine-level LM-Infinite on small random Llama-family checkpoints (CPU, float32).
 
-Each engine runs in its own subprocess (tests/engine_runner.py). Compared against
+Each engine runs in its own subprocess (helpers.engine). Compared against
 stock vLLM (plugin disabled) and against the independent float64 forward in
 tests/helpers/reference.py.
 """
@@ -12,9 +12,10 @@ import random
 import pytest
 import torch
 
-from vllm_lminf.isolated import run_engine
-from vllm_lminf.tools.tiny_checkpoint import make_tiny_llama
-from helpers.reference import RefLlama
+from helpers.engine import run_engine
+from helpers.probe import plugin_layers
+from helpers.reference import Reference, token_logprobs
+from helpers.tiny_checkpoint import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +31,15 @@ def rand_prompt(n: int, rng: random.Random) -> list[int]:
     return [rng.randrange(3, 380) for _ in range(n)]
 
 
-def ref_token_logprobs(ref: RefLlama, ids: list[int], lm_infinite) -> torch.Tensor:
+def ref_token_logprobs(ref: Reference, ids: list[int], lm_infinite) -> torch.Tensor:
     """logprob of each token i >= 1 given 0..i-1, float64."""
-    lp = ref.logprobs(ids, lm_infinite=lm_infinite)
-    return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    return token_logprobs(ref.logprobs(ids, lm_infinite=lm_infinite), ids)
 
 
-def test_full_window_equals_stock(llama):
+def test_full_window_equals_stock(llama, seed):
     """n_local >= every sequence length: the Λ pattern is plain causal attention,
     so tokens and logprobs equal stock vLLM's (both compiled)."""
-    rng = random.Random()
+    rng = random.Random(seed)
     prompts = [rand_prompt(n, rng) for n in (600, 131, 1)]
     sampling = dict(max_tokens=8, prompt_logprobs=0, logprobs=0)
     # chunked prefill; torch.compile on (the attention stays an opaque custom op)
@@ -53,35 +53,30 @@ def test_full_window_equals_stock(llama):
         assert (a - b).abs().max().item() < 2e-4
 
 
-def test_switch_absent_is_stock(llama):
+def test_switch_absent_is_stock(llama, seed):
     """Without the config key the override installs nothing and matches stock exactly."""
-    rng = random.Random()
+    rng = random.Random(seed)
     prompts = [rand_prompt(200, rng)]
     sampling = dict(max_tokens=6, prompt_logprobs=0)
-    script = (
-        "from vllm_lminf.attention import LMInfAttention\n"
-        "m = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model\n"
-        "extra = sum(isinstance(x, LMInfAttention) for x in m.modules())\n"
-    )
-    out = run_engine(llama, prompts, engine=dict(max_model_len=TRAINED), sampling=sampling, script=script)
+    out = run_engine(llama, prompts, engine=dict(max_model_len=TRAINED), sampling=sampling, probe=plugin_layers)
     stock = run_engine(llama, prompts, engine=dict(max_model_len=TRAINED), sampling=sampling, plugin=False)
-    assert out["extra"] == 0
+    assert out["extra"]["swapped"] == 0
     assert out["results"][0]["tokens"] == stock[0]["tokens"]
     assert out["results"][0]["prompt_logprobs"] == stock[0]["prompt_logprobs"]
 
 
-def test_small_window_matches_float64_reference(llama):
+def test_small_window_matches_float64_reference(llama, seed):
     """W=64, G=4, d=64 on prompts up to 600 tokens, chunked prefill mixed with
     decodes: prompt and generated-token logprobs equal the float64 LM-Infinite
     forward, and differ clearly from full attention."""
-    rng = random.Random()
+    rng = random.Random(seed)
     G, W, d = 4, 64, 64
     prompts = [rand_prompt(n, rng) for n in (600, 257, 64, 65, 3)]
     engine = dict(max_model_len=4096, max_num_batched_tokens=160,
                   hf_overrides={"lm_infinite": {"n_global": G, "n_local": W, "distance_limit": d}})
     sampling = dict(max_tokens=6, prompt_logprobs=0, logprobs=0)
     outs = run_engine(llama, prompts, engine=engine, sampling=sampling)
-    ref = RefLlama(llama, impl="fast")
+    ref = Reference(llama)
     for prompt, o in zip(prompts, outs):
         full = prompt + o["tokens"]
         want = ref_token_logprobs(ref, full, (G, W, d))
@@ -92,9 +87,9 @@ def test_small_window_matches_float64_reference(llama):
             assert (got - causal).abs().max().item() > 0.05
 
 
-def test_prompt_longer_than_max_position_is_served(llama):
+def test_prompt_longer_than_max_position_is_served(llama, seed):
     """max_model_len far past the trained length needs no environment variable."""
-    rng = random.Random()
+    rng = random.Random(seed)
     prompts = [rand_prompt(1500, rng)]
     engine = dict(max_model_len=8 * TRAINED, hf_overrides={"lm_infinite": {"n_global": 4, "n_local": 256}})
     out = run_engine(llama, prompts, engine=engine, sampling=dict(max_tokens=3))

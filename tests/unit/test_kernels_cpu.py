@@ -3,13 +3,13 @@ kernel) against the naive float64 reference. No vLLM engine needed."""
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
-from lminf_kernels import cpu_extension, cpu_lambda
-from lminf_kernels.cpu_lambda import cache_views, lambda_attention_absolute, store_kv_absolute
+from lminf_kernels import absolute_cpp, absolute_cpu
+from lminf_kernels.absolute_cpu import lambda_attention_absolute
+from lminf_kernels.paged import absolute_views, store_kv
 from lminf_kernels.naive import lambda_paged_attention_naive
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
@@ -35,14 +35,14 @@ def to_absolute_layout(raw: torch.Tensor, table, seq_lens, inv, style) -> torch.
     """The interleaved raw-key cache rewritten as vLLM's CPU layout with keys rotated at
     their absolute positions (NaN everywhere no sequence token lives)."""
     out = torch.full_like(raw, float("nan"))
-    keys_t, values = cache_views(out)
+    keys, values = absolute_views(out)
     bs, d = raw.shape[2], raw.shape[3] // 2
     for i, s in enumerate(seq_lens):
         pos = torch.arange(s)
         blk, off = table[i][pos // bs].long(), pos % bs
         k = raw[blk, :, off, :d]  # [s, H, D]
-        keys_t[blk, :, :, off] = rotate64(k, pos, inv, style).to(raw.dtype)
-        values[blk, :, off, :] = raw[blk, :, off, d:]
+        keys[blk, :, off] = rotate64(k, pos, inv, style).to(raw.dtype)
+        values[blk, :, off] = raw[blk, :, off, d:]
     return out
 
 
@@ -67,7 +67,7 @@ def absolute_queries(query, qsl, seq_lens, inv, style):
 @pytest.mark.parametrize("use_extension", [True, False], ids=["cpp", "torch"])
 @pytest.mark.parametrize("neox", [True, False])
 @pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
-def test_absolute_path_matches_naive(case, neox, use_extension):
+def test_absolute_path_matches_naive(case, neox, use_extension, seed):
     seq_lens, q_lens, pattern, _, tile = case
     raw, table, qsl, query, kw = case_inputs(case, neox)
     style, inv = kw["style"], kw["inv_freq"]
@@ -81,13 +81,12 @@ def test_absolute_path_matches_naive(case, neox, use_extension):
 
 @pytest.mark.parametrize("whole_window_queries", [0, 1 << 30], ids=["whole-window", "split"])
 @pytest.mark.parametrize("group", [1, 3, 8])
-def test_prefill_tiles(group, whole_window_queries, monkeypatch):
+def test_prefill_tiles(group, whole_window_queries, monkeypatch, seed):
     """Prefill chunks past the window through the C++ kernel's query tiles: a chunk that
     is not a multiple of the tile, starting mid-block, beside a decode and a second chunk
     that crosses the window edge; each key chunking of the kernel; GQA group 1, 3 and 8
     (tiles of 16, 5 and 2 queries)."""
-    monkeypatch.setattr(cpu_lambda, "WHOLE_WINDOW_QUERIES", whole_window_queries)
-    torch.manual_seed(random.randrange(1 << 30))
+    monkeypatch.setattr(absolute_cpu, "WHOLE_WINDOW_QUERIES", whole_window_queries)
     seq_lens, q_lens = [517, 300, 90], [203, 1, 77]
     pattern = LambdaPattern(7, 64, 50)
     hkv, dh, bs = 2, 32, 16
@@ -110,10 +109,9 @@ def test_prefill_tiles(group, whole_window_queries, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-def test_low_precision_cache(dtype, tol):
+def test_low_precision_cache(dtype, tol, seed):
     """bf16/fp16 caches and queries; a long decode window split across kernel chunks,
     GQA 4:1, B=128, globals in the first block."""
-    torch.manual_seed(random.randrange(1 << 30))
     seq_lens, q_lens = [3000, 5000, 700], [1, 1, 40]
     pattern = LambdaPattern(10, 2048, 2048)
     hq, hkv, dh, bs = 8, 2, 64, 128
@@ -131,10 +129,9 @@ def test_low_precision_cache(dtype, tol):
     assert rel_err(got, want) < tol
 
 
-def test_positions_past_one_million():
+def test_positions_past_one_million(seed):
     """Decode and a short chunk at ~1.2M: float64 angles keep the result equal to the
     reference on the same global and window tokens; stale blocks are never read."""
-    torch.manual_seed(random.randrange(1 << 30))
     bs, hkv, hq, dh = 32, 2, 4, 32
     pattern = LambdaPattern(10, 64, 64)
     style = RopeStyle(dh, True)
@@ -150,7 +147,7 @@ def test_positions_past_one_million():
     k_raw, v = torch.randn(long_len - lo + 10, hkv, dh), torch.randn(long_len - lo + 10, hkv, dh)
     pos = torch.cat([torch.arange(10), torch.arange(lo, long_len)])
     slots = table[0][pos // bs].long() * bs + pos % bs
-    store_kv_absolute(cache, slots, rotate64(k_raw[: len(pos)], pos, inv, style).float(), v[: len(pos)])
+    store_kv(absolute_views(cache), slots, rotate64(k_raw[: len(pos)], pos, inv, style).float(), v[: len(pos)])
     query = torch.randn(5, hq, dh)
     # reference: the same global and window tokens in a short sequence (a gap of unread
     # zeros between them); Λ distances depend only on p - j and d, not on the position
@@ -172,16 +169,15 @@ def test_positions_past_one_million():
         assert rel_err(got, want) < 1e-5, (q_len, use_ext)
 
 
-def test_store_matches_vllm_cpu_layout():
+def test_store_matches_vllm_cpu_layout(seed):
     """Our writer and vLLM's cpu_attn_reshape_and_cache (ISA "vec") fill the same bytes."""
     ops = pytest.importorskip("vllm._custom_ops")
-    torch.manual_seed(random.randrange(1 << 30))
     for dtype in (torch.float32, torch.bfloat16):
         nb, h, bs, dh = 6, 2, 32, 64
         ours, theirs = torch.zeros(nb, h, bs, 2 * dh, dtype=dtype), torch.zeros(nb, h, bs, 2 * dh, dtype=dtype)
         slots = torch.randperm(nb * bs)[:77]
         k, v = torch.randn(77, h, dh, dtype=dtype), torch.randn(77, h, dh, dtype=dtype)
-        store_kv_absolute(ours, slots, k, v)
+        store_kv(absolute_views(ours), slots, k, v)
         kc, vc = theirs.view(nb, h, 2 * bs, dh).chunk(2, dim=2)
         ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, "vec", k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
         assert torch.equal(ours, theirs)
@@ -190,4 +186,4 @@ def test_store_matches_vllm_cpu_layout():
 def test_extension_builds_here():
     """On this project's machines (x86-64, g++) the C++ kernel must build: the torch
     fallback would hide a broken build behind slower decoding."""
-    assert cpu_extension.lambda_op() is not None
+    assert absolute_cpp.lambda_op() is not None

@@ -1,4 +1,4 @@
-"""Builds and loads the C++ Λ-attention kernel (`csrc/lambda_cpu.cpp`) on first use.
+"""Builds and loads the C++ Λ-attention kernel (`csrc/absolute_cpu.cpp`) on first use.
 
 Compiled with the local compiler for this CPU (`-march=native`) into torch's extension
 cache; later processes load the cached library. Where no compiler works, `lambda_op()`
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).resolve().parent / "csrc" / "lambda_cpu.cpp"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "absolute_cpu.cpp"
 DISABLE_ENV = "LMINF_CPU_EXTENSION"  # "0" forces the torch path
 
 
@@ -28,7 +28,7 @@ def lambda_op():
         from torch.utils.cpp_extension import load
 
         load(
-            name="lminf_cpu_lambda",
+            name="lminf_absolute_cpu",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
             extra_ldflags=["-fopenmp"],

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_lminf.config import parse_lm_infinite
-from vllm_lminf.startup import UNBOUNDED_MAX_LEN, allowed_max_len
+from lminf_kernels.pattern import UNBOUNDED
+from vllm_lminf.max_len import allowed_max_len
 
 
 def cfg(lminf=..., **kw):
@@ -61,7 +62,7 @@ def test_unsupported_architecture_is_refused_listing_supported():
 
 
 def test_lm_infinite_lifts_the_length_cap():
-    assert allowed_max_len(cfg({})) == UNBOUNDED_MAX_LEN
+    assert allowed_max_len(cfg({})) == UNBOUNDED
 
 
 def test_register_is_reentrant_and_checks_the_version(monkeypatch):

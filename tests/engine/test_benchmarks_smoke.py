@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from vllm_lminf.isolated import TEST_ENV
+from helpers.engine import TEST_ENV, with_harness_path
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(script: str, out: Path, *extra: str) -> None:
     import os
 
-    env = dict(os.environ, **TEST_ENV)
+    env = with_harness_path(dict(os.environ, **TEST_ENV))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra],
                           env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -56,7 +56,7 @@ def test_quality_quick(tmp_path):
     assert st["384-512"] != pytest.approx(lm["384-512"], rel=1e-3)
     assert (tmp_path / "quality.png").stat().st_size > 0
     # resuming into a file made under another protocol (here: another model) is refused, naming the field
-    env = dict(__import__("os").environ, **TEST_ENV)
+    env = with_harness_path(dict(__import__("os").environ, **TEST_ENV))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--resume",
                            "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "--resume" in proc.stderr and "'model'" in proc.stderr

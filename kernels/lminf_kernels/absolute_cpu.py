@@ -10,7 +10,7 @@ angle table), so
 A sequence that never leaves the window is plain causal attention over this cache, so
 callers may hand such rows to vLLM's own kernel.
 
-Every row goes to the C++ kernel (`cpu_extension`, query-tiled for prefill chunks); the
+Every row goes to the C++ kernel (`absolute_cpp`, query-tiled for prefill chunks); the
 torch code below computes the same result where the kernel is unavailable, and is the
 second implementation the tests hold the kernel against.
 """
@@ -21,10 +21,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu_extension import lambda_op
-from .lambda_attention import DEFAULT_QUERY_TILE, _dense, _flash, _merge, band_mask
-from .pattern import LambdaPattern
-from .rope import RopeStyle, cos_sin, rotate
+from .absolute_cpp import lambda_op
+from .paged import (
+    absolute_views,
+    attend_local,
+    band_mask,
+    from_head_rows,
+    gather_span,
+    global_seen,
+    merge_global,
+    to_head_rows,
+)
+from .pattern import UNBOUNDED, LambdaPattern
+from .raw_torch import DEFAULT_QUERY_TILE
+from .rope import RopeStyle, absolute_cos_sin, rotate
 
 # Keys per work item of the C++ kernel when few queries must share the cores (decode: one
 # long window split across cores); with many queries (prefill) each tile takes whole windows.
@@ -32,47 +42,6 @@ SPLIT_CHUNK_TOKENS = 1024
 WHOLE_WINDOW_QUERIES = 1024
 # Consecutive queries per tile (capped by the kernel at 16 query-head rows per kv head).
 QUERY_TILE = 16
-
-
-def absolute_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 cos/sin of positions * inv_freq with the product taken in float64."""
-    c, s = cos_sin(positions, inv_freq.to(torch.float64))
-    return c.to(torch.float32), s.to(torch.float32)
-
-
-def cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, Hkv, B, 2D] cache -> keys [N, Hkv, D, B] and values [N, Hkv, B, D] (views)."""
-    n, h, bs, d2 = kv_cache.shape
-    flat = kv_cache.view(n, h, 2, bs * (d2 // 2))
-    return flat[:, :, 0].view(n, h, d2 // 2, bs), flat[:, :, 1].view(n, h, bs, d2 // 2)
-
-
-def store_kv_absolute(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
-                      value: torch.Tensor) -> None:
-    """Write already-rotated keys and values at `slot_mapping` (negative = padding),
-    in the layout vLLM's `cpu_attn_reshape_and_cache(..., isa="vec")` writes."""
-    n = min(slot_mapping.shape[0], key.shape[0])
-    slots = slot_mapping[:n].long()
-    key, value = key[:n], value[:n]
-    valid = slots >= 0
-    if not bool(valid.all()):
-        slots, key, value = slots[valid], key[valid], value[valid]
-    keys_t, values = cache_views(kv_cache)
-    bs = kv_cache.shape[2]
-    blk, off = slots // bs, slots % bs
-    keys_t[blk, :, :, off] = key.to(kv_cache.dtype)
-    values[blk, :, off, :] = value.to(kv_cache.dtype)
-
-
-def gather_span_absolute(kv_cache: torch.Tensor, block_row: torch.Tensor, lo: int, hi: int):
-    """Tokens [lo, hi) of one sequence as K, V: [Hkv, hi-lo, D] each (reads only those blocks)."""
-    keys_t, values = cache_views(kv_cache)
-    bs, h = kv_cache.shape[2], kv_cache.shape[1]
-    b0, b1 = lo // bs, (hi - 1) // bs + 1
-    ids = block_row[b0:b1].long()
-    k = keys_t[ids].permute(1, 0, 3, 2).reshape(h, (b1 - b0) * bs, -1)[:, lo - b0 * bs : hi - b0 * bs]
-    v = values[ids].transpose(0, 1).reshape(h, (b1 - b0) * bs, -1)[:, lo - b0 * bs : hi - b0 * bs]
-    return k, v
 
 
 def global_queries(q_abs: torch.Tensor, positions: torch.Tensor, n_keys: int, pattern: LambdaPattern,
@@ -91,9 +60,9 @@ def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale
     tq_all, hq, dh = query.shape
     hkv = kv_cache.shape[1]
     group = hq // hkv
-    last_pos = first_pos + tq_all - 1
+    views = absolute_views(kv_cache)
     span_lo = pattern.local_start(first_pos)
-    k_span, v_span = gather_span_absolute(kv_cache, row, span_lo, last_pos + 1)
+    k_span, v_span = gather_span(views, row, span_lo, first_pos + tq_all)
     # contiguous copies: torch's CPU flash kernel misreads some strided K/V views
     k_span, v_span = k_span.to(torch.float32).contiguous(), v_span.to(torch.float32).contiguous()
     for t0 in range(0, tq_all, query_tile):
@@ -101,26 +70,21 @@ def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale
         tq = t1 - t0
         pa, pb = first_pos + t0, first_pos + t1 - 1
         q = query[t0:t1].to(torch.float32)
-        q_heads = q.view(tq, hkv, group, dh).permute(1, 2, 0, 3).reshape(hkv, group * tq, dh)
+        q_heads = to_head_rows(q, hkv).reshape(hkv, group * tq, dh)
         lo = pattern.local_start(pa)
-        k_loc = k_span[:, lo - span_lo : pb + 1 - span_lo]
-        v_loc = v_span[:, lo - span_lo : pb + 1 - span_lo]
+        keys = slice(lo - span_lo, pb + 1 - span_lo)
         mask = band_mask(pa, pb, lo, pattern.n_local, group) if tq > 1 else None
-        # torch's fused kernel only pays off for many queries (and mishandles one key)
-        res, lse = (_flash if tq > 1 else _dense)(q_heads, k_loc, v_loc, mask, scale)
+        res, lse = attend_local(q_heads, k_span[:, keys], v_span[:, keys], mask, scale)
         g_hi = pattern.global_end(pb)
         if g_hi > 0:
-            k_g, v_g = gather_span_absolute(kv_cache, row, 0, g_hi)
-            pos = torch.arange(pa, pb + 1)
-            q_g = global_queries(q, pos, g_hi, pattern, style, inv_freq)  # [tq, g, Hq, D]
+            k_g, v_g = gather_span(views, row, 0, g_hi)
+            q_g = global_queries(q, torch.arange(pa, pb + 1), g_hi, pattern, style, inv_freq)  # [tq, g, Hq, D]
             q_g = q_g.view(tq, g_hi, hkv, group, dh).permute(2, 3, 0, 1, 4)  # [Hkv, G, tq, g, D]
             s_g = torch.einsum("hgtjd,hjd->hgtj", q_g, k_g.to(torch.float32)) * scale
-            seen = torch.arange(g_hi)[None, :] <= pos[:, None] - pattern.n_local
+            seen = global_seen(pa, pb, g_hi, pattern.n_local)
             s_g = s_g.masked_fill(~seen, float("-inf")).reshape(hkv, group * tq, g_hi)
-            lse_g = torch.logsumexp(s_g, dim=-1)
-            p_g = torch.exp(s_g - lse_g.clamp(min=-1e30)[..., None])
-            res = _merge(res, lse, torch.bmm(p_g, v_g.to(torch.float32)), lse_g)
-        out[t0:t1] = res.view(hkv, group, tq, -1).permute(2, 0, 1, 3).reshape(tq, hq, -1).to(out.dtype)
+            res = merge_global(res, lse, s_g, v_g)
+        out[t0:t1] = from_head_rows(res, tq).to(out.dtype)
 
 
 @dataclass
@@ -152,7 +116,7 @@ class QueryPlan:
         g_max = int(n_glob.max()) if len(pos) else 0
         j = torch.arange(g_max, dtype=torch.int64)
         c, s = absolute_cos_sin(pattern.distance_limit - pos[:, None] + j[None, :], inv_freq)
-        chunk = SPLIT_CHUNK_TOKENS if sum(counts) < WHOLE_WINDOW_QUERIES else 1 << 62
+        chunk = SPLIT_CHUNK_TOKENS if sum(counts) < WHOLE_WINDOW_QUERIES else UNBOUNDED
         leading = torch.equal(token_index, torch.arange(len(token_index)))
         return cls(token_index, rows, lo, pos, n_glob, c.contiguous(), s.contiguous(), chunk, leading)
 
@@ -199,7 +163,7 @@ def lambda_attention_absolute(
     query: [T, Hq, D] rotated at absolute positions (`absolute_cos_sin`), sequence i
     owning rows query_start_loc[i]:query_start_loc[i+1], its queries being the last
     tokens of its seq_lens[i] tokens. kv_cache holds this step's keys already (rotated
-    the same way, `store_kv_absolute`). inv_freq: [R/2] float32. plan: the step's
+    the same way, `paged.store_kv(paged.absolute_views(kv_cache), ...)`). inv_freq: [R/2] float32. plan: the step's
     `QueryPlan` for exactly `sequences` (built here when not given). sequences: compute
     only these (others' output rows are left untouched). use_extension=False: torch only.
     """

@@ -1,0 +1,106 @@
+"""Λ attention over a paged cache of raw keys: the torch path (CPU, and any device).
+
+For each sequence, queries are processed in tiles. A tile reads only
+  - the local span [local_start(first query), last query], rotated at positions
+    relative to the span start (angles stay below n_local + tile, whatever the
+    absolute position), and
+  - the global tokens [0, global_end(last query)), unrotated, against queries
+    rotated by `distance_limit`,
+and merges both in one softmax. Blocks between the two spans are never touched, so
+their block-table entries may be stale (freed blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .paged import (
+    attend_local,
+    band_mask,
+    from_head_rows,
+    gather_span,
+    global_seen,
+    merge_global,
+    raw_views,
+    to_head_rows,
+)
+from .pattern import LambdaPattern
+from .rope import RopeStyle, cos_sin, cos_sin_table, rotate
+
+DEFAULT_QUERY_TILE = 256
+
+
+def lambda_paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    *,
+    pattern: LambdaPattern,
+    style: RopeStyle,
+    inv_freq: torch.Tensor,
+    scale: float,
+    query_scale: list[float] | None = None,
+    out: torch.Tensor | None = None,
+    query_tile: int = DEFAULT_QUERY_TILE,
+) -> torch.Tensor:
+    """Λ attention for a batch of sequences (prefill chunks and decodes mixed).
+
+    query: [T, Hq, D] raw queries, sequence i owning rows
+    query_start_loc[i]:query_start_loc[i+1], its queries being the last tokens of
+    its seq_lens[i] tokens. kv_cache: [num_blocks, Hkv, B, 2*D], raw K then V on the
+    last dim, already holding this step's keys. block_table: [num_seqs, max_blocks].
+    inv_freq: [R/2] shared, or [num_seqs, R/2] per sequence (CLEX). query_scale:
+    per-sequence query multiplier (CLEX log scale). Computes in float32.
+    """
+    num_tokens, hq, dh = query.shape
+    hkv = kv_cache.shape[1]
+    group = hq // hkv
+    if out is None:
+        out = torch.empty_like(query)
+    views = raw_views(kv_cache)
+    inv_freq = inv_freq.to(torch.float32)
+    for i, seq_len in enumerate(seq_lens):
+        a, b = query_start_loc[i], query_start_loc[i + 1]
+        if b <= a:
+            continue
+        freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
+        row = block_table[i]
+        first_pos = seq_len - (b - a)
+        qmul = 1.0 if query_scale is None else query_scale[i]
+        # Global branch: queries all rotated by the same distance.
+        gcos, gsin = cos_sin(torch.tensor(pattern.distance_limit), freq)
+        # Keys of every tile of this sequence, gathered and rotated once, at positions
+        # relative to the first tile's window start (angles < W + chunk).
+        span_lo = pattern.local_start(first_pos)
+        k_span, v_span = gather_span(views, row, span_lo, seq_len)
+        kc, ks = cos_sin_table(freq, seq_len - span_lo)
+        k_span = rotate(k_span, kc, ks, style)
+        v_span = v_span.to(torch.float32)
+        for t0 in range(a, b, query_tile):
+            t1 = min(b, t0 + query_tile)
+            pa, pb = first_pos + (t0 - a), first_pos + (t1 - a) - 1
+            tq = t1 - t0
+            q = query[t0:t1].to(torch.float32)
+            if qmul != 1.0:
+                q = q * qmul
+            q_heads = to_head_rows(q, hkv)
+
+            lo = pattern.local_start(pa)
+            rel = slice(pa - span_lo, pb + 1 - span_lo)
+            q_loc = rotate(q_heads, kc[rel], ks[rel], style).reshape(hkv, group * tq, dh)
+            mask = band_mask(pa, pb, lo, pattern.n_local, group) if tq > 1 else None
+            keys = slice(lo - span_lo, pb + 1 - span_lo)
+            res, lse = attend_local(q_loc, k_span[:, keys], v_span[:, keys], mask, scale)
+
+            g_hi = pattern.global_end(pb)
+            if g_hi > 0:
+                k_g, v_g = gather_span(views, row, 0, g_hi)
+                q_g = rotate(q_heads, gcos, gsin, style).reshape(hkv, group * tq, dh)
+                seen = global_seen(pa, pb, g_hi, pattern.n_local).repeat(group, 1)
+                s_g = torch.bmm(q_g, k_g.to(torch.float32).transpose(1, 2)) * scale
+                res = merge_global(res, lse, s_g.masked_fill(~seen, float("-inf")), v_g)
+
+            out[t0:t1] = from_head_rows(res, tq)
+    return out

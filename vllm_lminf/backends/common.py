@@ -1,0 +1,74 @@
+"""What both backends share: the step's batch as plain lists, and the refusal of
+attention features the Λ kernels do not compute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+
+
+@dataclass
+class StepBatch:
+    num_actual_tokens: int
+    # Python lists: read by every layer's loop, converted once per step.
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_table: torch.Tensor
+    # The same two on the device (read by the Triton kernel).
+    query_start_loc_dev: torch.Tensor
+    seq_lens_dev: torch.Tensor
+
+    @classmethod
+    def of(cls, m: CommonAttentionMetadata) -> "StepBatch":
+        return cls(
+            num_actual_tokens=m.num_actual_tokens,
+            query_start_loc=m.query_start_loc_cpu[: m.num_reqs + 1].tolist(),
+            seq_lens=m.seq_lens[: m.num_reqs].cpu().tolist(),
+            block_table=m.block_table_tensor,
+            query_start_loc_dev=m.query_start_loc[: m.num_reqs + 1],
+            seq_lens_dev=m.seq_lens[: m.num_reqs],
+        )
+
+
+def refuse_unsupported(*, alibi_slopes, sliding_window, logits_soft_cap, kv_cache_dtype, attn_type,
+                       kv_sharing_target_layer_name) -> None:
+    # Attention() skips vLLM's backend validation when given attn_backend=: refuse here
+    # whatever the Λ kernels do not compute.
+    unsupported = {
+        "alibi_slopes": alibi_slopes is not None,
+        "sliding_window": sliding_window is not None,
+        "logits_soft_cap": bool(logits_soft_cap),
+        "kv_cache_dtype != auto": kv_cache_dtype != "auto",
+        "attn_type != decoder": attn_type != AttentionType.DECODER,
+        "kv sharing": kv_sharing_target_layer_name is not None,
+    }
+    bad = [name for name, on in unsupported.items() if on]
+    if bad:
+        raise ValueError(f"vllm-lminf attention does not support: {', '.join(bad)}")
+
+
+def refuse_output_quant(output_scale, output_block_scale) -> None:
+    if output_scale is not None or output_block_scale is not None:
+        raise ValueError("vllm-lminf attention does not support fused output quantization")
+
+
+def fixed_frequencies(rotary: torch.nn.Module) -> torch.Tensor:
+    """float32 inverse frequencies equivalent to a stock rotary module, or a clear
+    refusal for scaling types whose rotation is not a pure frequency change."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+    from vllm.model_executor.layers.rotary_embedding.linear_scaling_rope import LinearScalingRotaryEmbedding
+    from vllm.model_executor.layers.rotary_embedding.llama3_rope import Llama3RotaryEmbedding
+
+    from ..vllm_compat import stock_inv_freq
+
+    kind = type(rotary)
+    if kind in (RotaryEmbedding, Llama3RotaryEmbedding):
+        return stock_inv_freq(rotary).to(torch.float32)
+    if kind is LinearScalingRotaryEmbedding and len(rotary.scaling_factors) == 1:
+        return (stock_inv_freq(rotary) / rotary.scaling_factors[0]).to(torch.float32)
+    raise ValueError(
+        f"vllm-lminf cannot combine {kind.__name__} with lm_infinite/CLEX: supported RoPE "
+        "scaling types are none (plain RoPE), 'linear' (one factor) and 'llama3'"
+    )

