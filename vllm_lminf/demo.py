@@ -10,12 +10,20 @@ is the opening of Pride and Prejudice (public domain), shipped in this package.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
+
+from tqdm import tqdm
 
 DATA = Path(__file__).parent / "data" / "pride_and_prejudice_opening.txt.gz"
 DEFAULT_MODEL_DIR = Path("models/smollm2-135m")
@@ -33,23 +41,58 @@ def load_prompt(model_dir: Path, n_tokens: int) -> tuple[list[int], str]:
     return ids, tok.decode(ids[-60:])
 
 
-def run_server(model_dir: Path, ids: list[int], *, plugin: bool, args: list[str], max_tokens: int, log: Path) -> dict:
-    from .server import Server
+@contextlib.contextmanager
+def serving(model_dir: Path, *, args: list[str], env: dict, log: Path):
+    """`python -m vllm_lminf serve` on a free local port until the block ends; yields its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "vllm_lminf", "serve", str(model_dir), "--host", "127.0.0.1",
+                                 "--port", str(port), *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            for _ in tqdm(range(900), desc="   waiting for the server", unit="s", leave=False):
+                if proc.poll() is not None:
+                    raise SystemExit(f"the server exited with {proc.returncode} during start-up; see {log}")
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2):
+                        break
+                except OSError:
+                    time.sleep(1)
+            else:
+                raise SystemExit(f"the server did not come up in 15 minutes; see {log}")
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)  # vLLM's clean shutdown
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
+
+def run_server(model_dir: Path, ids: list[int], *, plugin: bool, args: list[str], max_tokens: int, log: Path) -> dict:
     # vLLM's CPU default binds the worker to all cores but one; on small machines give it
     # every core (both servers alike).
     cores = os.cpu_count() or 1
-    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
-           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}"),
-           "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
+               VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}"),
+               VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1")
+    if not plugin:
+        env["VLLM_PLUGINS"] = "none-such-plugin"  # stock vLLM: no plugin loads in any process
     label = "vLLM + vllm-lminf (LM-Infinite)" if plugin else "stock vLLM"
     print(f"\n== {label}: starting server (log: {log})", flush=True)
     t0 = time.time()
-    with Server(model_dir, args=args, plugin=plugin, env=env, log=log) as srv:
+    with serving(model_dir, args=args, env=env, log=log) as url:
         started = time.time() - t0
         print(f"   up in {started:.0f}s; sending {len(ids)} prompt tokens ...", flush=True)
         t1 = time.time()
-        reply = srv.complete(ids, max_tokens=max_tokens)
+        body = {"model": str(model_dir), "prompt": ids, "temperature": 0.0, "max_tokens": max_tokens}
+        request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=3600) as r:
+            reply = json.loads(r.read())
         took = time.time() - t1
     text = reply["choices"][0]["text"]
     print(f"   answered in {took:.0f}s ({reply['usage']['prompt_tokens']} prompt tokens)")
