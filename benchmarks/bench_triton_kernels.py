@@ -140,7 +140,7 @@ def sync(device) -> None:
 
 def free(device) -> None:
     if device.type == "cuda":
-        free(device)
+        torch.cuda.empty_cache()
 
 
 def copy_bandwidth(device, n: int) -> float:

@@ -23,31 +23,23 @@ Layout (as Hugging Face's `GPTNeoXForCausalLM`):
 
 
 from collections.abc import Iterable, Iterator
-from itertools import islice
 
 import torch
 from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
-from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     WeightsMapper,
-    make_empty_intermediate_tensors_factory,
-    make_layers,
-    maybe_prefix,
 )
-from vllm.sequence import IntermediateTensors
+
+from .native_stack import CausalLMShell, DecoderStack, GeluMLP, heads_per_rank, rotary_attention
 
 
 def rope_parameters_with_partial(config, *, default_partial: float, theta_names=("rope_theta",),
@@ -82,13 +74,7 @@ class GPTNeoXAttention(nn.Module):
         if self.hidden_size % self.total_num_heads:
             raise ValueError("GPT-NeoX: hidden_size must be a multiple of num_attention_heads")
         self.head_size = self.hidden_size // self.total_num_heads
-        tp_size = get_tensor_model_parallel_world_size()
-        if self.total_num_heads % tp_size:
-            raise ValueError(
-                f"GPT-NeoX: num_attention_heads={self.total_num_heads} is not divisible by "
-                f"tensor_parallel_size={tp_size}"
-            )
-        self.num_heads = self.total_num_heads // tp_size
+        self.num_heads = heads_per_rank("GPT-NeoX", self.total_num_heads)
         bias = getattr(config, "attention_bias", True)
 
         self.query_key_value = QKVParallelLinear(
@@ -113,30 +99,7 @@ class GPTNeoXAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.query_key_value(hidden_states)
         q, k, v = qkv.chunk(chunks=3, dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        attn_output = self.attn(q, k, v)
-        output, _ = self.dense(attn_output)
-        return output
-
-
-class GPTNeoXMLP(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
-        super().__init__()
-        self.dense_h_to_4h = ColumnParallelLinear(
-            config.hidden_size, config.intermediate_size, bias=True,
-            quant_config=quant_config, prefix=f"{prefix}.dense_h_to_4h",
-        )
-        self.dense_4h_to_h = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=True,
-            quant_config=quant_config, prefix=f"{prefix}.dense_4h_to_h",
-        )
-        self.act = get_act_fn(config.hidden_act)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states, _ = self.dense_h_to_4h(hidden_states)
-        hidden_states = self.act(hidden_states)
-        hidden_states, _ = self.dense_4h_to_h(hidden_states)
-        return hidden_states
+        return rotary_attention(self, positions, q, k, v)
 
 
 class GPTNeoXLayer(nn.Module):
@@ -148,7 +111,7 @@ class GPTNeoXLayer(nn.Module):
         self.input_layernorm = LayerNorm(config.hidden_size, eps=eps)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=eps)
         self.attention = GPTNeoXAttention(config, cache_config, quant_config, prefix=f"{prefix}.attention")
-        self.mlp = GPTNeoXMLP(config, quant_config, prefix=f"{prefix}.mlp")
+        self.mlp = GeluMLP(config, quant_config, f"{prefix}.mlp", up_name="dense_h_to_4h", down_name="dense_4h_to_h")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         attn_output = self.attention(positions, self.input_layernorm(hidden_states))
@@ -160,44 +123,11 @@ class GPTNeoXLayer(nn.Module):
 
 
 @support_torch_compile
-class GPTNeoXModel(nn.Module):
+class GPTNeoXModel(DecoderStack):
+    embed_name, final_norm_name = "embed_in", "final_layer_norm"
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        cache_config = vllm_config.cache_config
-        quant_config = vllm_config.quant_config
-        self.config = config
-        self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers,
-            lambda prefix: GPTNeoXLayer(config, cache_config, quant_config, prefix=prefix),
-            prefix=f"{prefix}.layers",
-        )
-        self.final_layer_norm = LayerNorm(config.hidden_size, eps=getattr(config, "layer_norm_eps", 1e-5))
-        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
-            ["hidden_states"], config.hidden_size
-        )
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_in(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
-        if get_pp_group().is_first_rank:
-            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        else:
-            assert intermediate_tensors is not None
-            hidden_states = intermediate_tensors["hidden_states"]
-        for layer in islice(self.layers, self.start_layer, self.end_layer):
-            hidden_states = layer(positions, hidden_states)
-        if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states})
-        return self.final_layer_norm(hidden_states)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, make_layer=GPTNeoXLayer)
 
 
 def split_fused_qkv(weights: Iterable[tuple[str, torch.Tensor]], num_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -217,7 +147,7 @@ def split_fused_qkv(weights: Iterable[tuple[str, torch.Tensor]], num_heads: int)
             yield f"{module}.{part}_part.{kind}", per_head[:, i].reshape(rows // 3, *tensor.shape[1:])
 
 
-class GPTNeoXForCausalLM(nn.Module, SupportsPP):
+class GPTNeoXForCausalLM(CausalLMShell):
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_stacked={
             ".query_key_value.q_part.": (".query_key_value.", "q"),
@@ -233,35 +163,10 @@ class GPTNeoXForCausalLM(nn.Module, SupportsPP):
         },
     )
 
+    stack_name, head_name = "gpt_neox", "embed_out"
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        quant_config = vllm_config.quant_config
-        self.config = config
-        self.gpt_neox = GPTNeoXModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "gpt_neox"))
-        self.embed_out = ParallelLMHead(
-            config.vocab_size, config.hidden_size, bias=False,
-            quant_config=quant_config, prefix=maybe_prefix(prefix, "embed_out"),
-        )
-        if getattr(config, "tie_word_embeddings", False):
-            self.embed_out = self.embed_out.tie_weights(self.gpt_neox.embed_in)
-        self.logits_processor = LogitsProcessor(config.vocab_size)
-        self.make_empty_intermediate_tensors = self.gpt_neox.make_empty_intermediate_tensors
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.gpt_neox.embed_input_ids(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
-        return self.gpt_neox(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.embed_out, hidden_states)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, stack_cls=GPTNeoXModel, head_bias=False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)  # handles a tied embed_out itself

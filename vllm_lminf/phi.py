@@ -16,33 +16,25 @@ Rotary covers the first `partial_rotary_factor * head_dim` dims (neox style);
 
 
 from collections.abc import Iterable
-from itertools import islice
 
 import torch
 from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.activation import get_act_fn
+from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
-from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     WeightsMapper,
-    make_empty_intermediate_tensors_factory,
-    make_layers,
-    maybe_prefix,
 )
-from vllm.sequence import IntermediateTensors
 
 from .gpt_neox import rope_parameters_with_partial
+from .native_stack import CausalLMShell, DecoderStack, GeluMLP, heads_per_rank, rotary_attention
 
 
 class PhiAttention(nn.Module):
@@ -52,13 +44,8 @@ class PhiAttention(nn.Module):
         self.total_num_heads = config.num_attention_heads
         self.total_num_kv_heads = getattr(config, "num_key_value_heads", None) or self.total_num_heads
         self.head_size = getattr(config, "head_dim", None) or config.hidden_size // self.total_num_heads
+        self.num_heads = heads_per_rank("Phi", self.total_num_heads)
         tp_size = get_tensor_model_parallel_world_size()
-        if self.total_num_heads % tp_size:
-            raise ValueError(
-                f"Phi: num_attention_heads={self.total_num_heads} is not divisible by "
-                f"tensor_parallel_size={tp_size}"
-            )
-        self.num_heads = self.total_num_heads // tp_size
         if self.total_num_kv_heads >= tp_size:
             if self.total_num_kv_heads % tp_size:
                 raise ValueError("Phi: num_key_value_heads must be divisible by tensor_parallel_size")
@@ -101,30 +88,7 @@ class PhiAttention(nn.Module):
         if self.qk_layernorm:
             q = self._per_head_norm(q, self.q_layernorm)
             k = self._per_head_norm(k, self.k_layernorm)
-        q, k = self.rotary_emb(positions, q, k)
-        attn_output = self.attn(q, k, v)
-        output, _ = self.dense(attn_output)
-        return output
-
-
-class PhiMLP(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
-        super().__init__()
-        self.fc1 = ColumnParallelLinear(
-            config.hidden_size, config.intermediate_size, bias=True,
-            quant_config=quant_config, prefix=f"{prefix}.fc1",
-        )
-        self.fc2 = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=True,
-            quant_config=quant_config, prefix=f"{prefix}.fc2",
-        )
-        self.act = get_act_fn(config.hidden_act)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states, _ = self.fc1(hidden_states)
-        hidden_states = self.act(hidden_states)
-        hidden_states, _ = self.fc2(hidden_states)
-        return hidden_states
+        return rotary_attention(self, positions, q, k, v)
 
 
 class PhiLayer(nn.Module):
@@ -133,7 +97,7 @@ class PhiLayer(nn.Module):
         super().__init__()
         self.input_layernorm = LayerNorm(config.hidden_size, eps=getattr(config, "layer_norm_eps", 1e-5))
         self.self_attn = PhiAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
-        self.mlp = PhiMLP(config, quant_config, prefix=f"{prefix}.mlp")
+        self.mlp = GeluMLP(config, quant_config, f"{prefix}.mlp", up_name="fc1", down_name="fc2")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         normed = self.input_layernorm(hidden_states)
@@ -141,47 +105,14 @@ class PhiLayer(nn.Module):
 
 
 @support_torch_compile
-class PhiModel(nn.Module):
+class PhiModel(DecoderStack):
+    embed_name, final_norm_name = "embed_tokens", "final_layernorm"
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        cache_config = vllm_config.cache_config
-        quant_config = vllm_config.quant_config
-        self.config = config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers,
-            lambda prefix: PhiLayer(config, cache_config, quant_config, prefix=prefix),
-            prefix=f"{prefix}.layers",
-        )
-        self.final_layernorm = LayerNorm(config.hidden_size, eps=getattr(config, "layer_norm_eps", 1e-5))
-        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
-            ["hidden_states"], config.hidden_size
-        )
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
-        if get_pp_group().is_first_rank:
-            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        else:
-            assert intermediate_tensors is not None
-            hidden_states = intermediate_tensors["hidden_states"]
-        for layer in islice(self.layers, self.start_layer, self.end_layer):
-            hidden_states = layer(positions, hidden_states)
-        if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states})
-        return self.final_layernorm(hidden_states)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, make_layer=PhiLayer)
 
 
-class PhiForCausalLM(nn.Module, SupportsPP):
+class PhiForCausalLM(CausalLMShell):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_stacked={
@@ -192,35 +123,12 @@ class PhiForCausalLM(nn.Module, SupportsPP):
         orig_to_new_substr={".rotary_emb.inv_freq": None},
     )
 
+    stack_name, head_name = "model", "lm_head"
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        quant_config = vllm_config.quant_config
-        if getattr(config, "tie_word_embeddings", False):
+        if getattr(vllm_config.model_config.hf_config, "tie_word_embeddings", False):
             raise ValueError("Phi with tie_word_embeddings=true is not supported (its lm_head has a bias)")
-        self.config = config
-        self.model = PhiModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(
-            config.vocab_size, config.hidden_size, bias=True,
-            quant_config=quant_config, prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        self.logits_processor = LogitsProcessor(config.vocab_size)
-        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states, self.lm_head.bias)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, stack_cls=PhiModel, head_bias=True)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)

@@ -22,16 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from .absolute_cpp import lambda_op
-from .paged import (
-    absolute_views,
-    attend_local,
-    band_mask,
-    from_head_rows,
-    gather_span,
-    global_seen,
-    merge_global,
-    to_head_rows,
-)
+from .paged import (absolute_views, attend_local, band_mask, from_head_rows,
+                    gather_span, global_seen, merge_global, to_head_rows)
 from .pattern import UNBOUNDED, LambdaPattern
 from .raw_torch import DEFAULT_QUERY_TILE
 from .rope import RopeStyle, absolute_cos_sin, rotate
@@ -141,23 +133,12 @@ def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, 
     return True
 
 
-def lambda_attention_absolute(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    query_start_loc: list[int],
-    seq_lens: list[int],
-    *,
-    pattern: LambdaPattern,
-    style: RopeStyle,
-    inv_freq: torch.Tensor,
-    scale: float,
-    out: torch.Tensor | None = None,
-    query_tile: int = DEFAULT_QUERY_TILE,
-    use_extension: bool = True,
-    plan: QueryPlan | None = None,
-    sequences: list[int] | None = None,
-) -> torch.Tensor:
+def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                              query_start_loc: list[int], seq_lens: list[int], *, pattern: LambdaPattern,
+                              style: RopeStyle, inv_freq: torch.Tensor, scale: float,
+                              out: torch.Tensor | None = None, query_tile: int = DEFAULT_QUERY_TILE,
+                              use_extension: bool = True, plan: QueryPlan | None = None,
+                              sequences: list[int] | None = None) -> torch.Tensor:
     """Λ attention for a batch (prefill chunks and decodes mixed).
 
     query: [T, Hq, D] rotated at absolute positions (`absolute_cos_sin`), sequence i

@@ -73,19 +73,10 @@ def gather_paged(kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: in
     return flat[..., :head_size], flat[..., head_size:]
 
 
-def lambda_paged_attention_naive(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    query_start_loc: list[int],
-    seq_lens: list[int],
-    *,
-    pattern: LambdaPattern,
-    style: RopeStyle,
-    inv_freq: torch.Tensor,
-    scale: float,
-    query_scale: list[float] | None = None,
-) -> torch.Tensor:
+def lambda_paged_attention_naive(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                                 query_start_loc: list[int], seq_lens: list[int], *, pattern: LambdaPattern,
+                                 style: RopeStyle, inv_freq: torch.Tensor, scale: float,
+                                 query_scale: list[float] | None = None) -> torch.Tensor:
     """Reference for the paged entry point: gathers every token of each sequence
     (the fast paths must not) and runs the dense reference. Returns float64."""
     head_size = query.shape[-1]

@@ -14,37 +14,19 @@ from __future__ import annotations
 
 import torch
 
-from .paged import (
-    attend_local,
-    band_mask,
-    from_head_rows,
-    gather_span,
-    global_seen,
-    merge_global,
-    raw_views,
-    to_head_rows,
-)
+from .paged import (attend_local, band_mask, from_head_rows, gather_span,
+                    global_seen, merge_global, raw_views, to_head_rows)
 from .pattern import LambdaPattern
 from .rope import RopeStyle, cos_sin, cos_sin_table, rotate
 
 DEFAULT_QUERY_TILE = 256
 
 
-def lambda_paged_attention(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    query_start_loc: list[int],
-    seq_lens: list[int],
-    *,
-    pattern: LambdaPattern,
-    style: RopeStyle,
-    inv_freq: torch.Tensor,
-    scale: float,
-    query_scale: list[float] | None = None,
-    out: torch.Tensor | None = None,
-    query_tile: int = DEFAULT_QUERY_TILE,
-) -> torch.Tensor:
+def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                           query_start_loc: list[int], seq_lens: list[int], *, pattern: LambdaPattern,
+                           style: RopeStyle, inv_freq: torch.Tensor, scale: float,
+                           query_scale: list[float] | None = None, out: torch.Tensor | None = None,
+                           query_tile: int = DEFAULT_QUERY_TILE) -> torch.Tensor:
     """Λ attention for a batch of sequences (prefill chunks and decodes mixed).
 
     query: [T, Hq, D] raw queries, sequence i owning rows

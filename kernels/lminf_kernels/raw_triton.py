@@ -98,6 +98,21 @@ def _online_step(s, mask, v, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _key_tile_step(qa, qb, qp, ka, kb, base, jm, mask, col_p, p_ok, offs_v, v_ok, c_s3, m_i, l_i, acc, qk_scale,
+                   HEAD_DIM: tl.constexpr, PASS_P2: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key tile of either span: scores of the rotated query halves (qa, qb) against the
+    key halves (ka, kb) plus the pass-through channels, then one online-softmax update
+    with the tile's values. Operands in qa's dtype."""
+    s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
+    s = tl.dot(qb, tl.trans(kb), s, input_precision=DOT_PREC)
+    if PASS_P2 > 0:
+        kp = tl.load(base[:, None] + col_p[None, :] * c_s3, mask=jm[:, None] & p_ok[None, :], other=0.0)
+        s = tl.dot(qp, tl.trans(kp.to(qp.dtype)), s, input_precision=DOT_PREC)
+    vv = tl.load(base[:, None] + (HEAD_DIM + offs_v)[None, :] * c_s3, mask=jm[:, None] & v_ok[None, :], other=0.0)
+    return _online_step(s, mask, vv.to(qa.dtype), m_i, l_i, acc, qk_scale, DOT_PREC)
+
+
+@triton.jit
 def _token_base(cache_ptr, bt_row_ptr, bt_s1, j, jm, kv_off, c_s0, c_s2, BLOCK_SIZE: tl.constexpr):
     """Address of token j's row for this KV head (only blocks of unmasked tokens)."""
     blk = tl.load(bt_row_ptr + (j // BLOCK_SIZE).to(tl.int64) * bt_s1, mask=jm, other=0).to(tl.int64)
@@ -201,6 +216,10 @@ def _lambda_attn_fwd(
         col_p = 2 * ROT_HALF + offs_p
         qp = tl.load(q_row[:, None] + col_p[None, :] * q_s2, mask=row_ok[:, None] & p_ok[None, :], other=0.0)
         qp = qp.to(dt)
+    else:  # no pass-through channels: placeholders that _key_tile_step never reads
+        p_ok = h_ok
+        col_p = col_a
+        qp = qa
 
     offs_v = tl.arange(0, DV_P2)
     v_ok = offs_v < HEAD_DIM
@@ -231,16 +250,9 @@ def _lambda_attn_fwd(
             kmask = jm[:, None] & h_ok[None, :]
             ka = tl.load(base[:, None] + col_a[None, :] * c_s3, mask=kmask, other=0.0).to(dt)
             kb = tl.load(base[:, None] + col_b[None, :] * c_s3, mask=kmask, other=0.0).to(dt)
-            s = tl.dot(qga, tl.trans(ka), input_precision=DOT_PREC)
-            s = tl.dot(qgb, tl.trans(kb), s, input_precision=DOT_PREC)
-            if PASS_P2 > 0:
-                kp = tl.load(base[:, None] + col_p[None, :] * c_s3, mask=jm[:, None] & p_ok[None, :], other=0.0)
-                kp = kp.to(dt)
-                s = tl.dot(qp, tl.trans(kp), s, input_precision=DOT_PREC)
-            vv = tl.load(base[:, None] + (HEAD_DIM + offs_v)[None, :] * c_s3,
-                         mask=jm[:, None] & v_ok[None, :], other=0.0).to(dt)
             mask = (j[None, :] <= p[:, None] - n_local) & jm[None, :]
-            m_i, l_i, acc = _online_step(s, mask, vv, m_i, l_i, acc, qk_scale, DOT_PREC)
+            m_i, l_i, acc = _key_tile_step(qga, qgb, qp, ka, kb, base, jm, mask, col_p, p_ok, offs_v, v_ok, c_s3,
+                                           m_i, l_i, acc, qk_scale, HEAD_DIM, PASS_P2, DOT_PREC)
 
     # ---- 2. local span, rotated relative to its start `lo` ----------------------
     l0 = tl.maximum(v0, n_gt) - n_gt
@@ -268,16 +280,9 @@ def _lambda_attn_fwd(
             sk = sb * co + cb * so
             kra = (ka * ck - kb * sk).to(dt)
             krb = (kb * ck + ka * sk).to(dt)
-            s = tl.dot(qla, tl.trans(kra), input_precision=DOT_PREC)
-            s = tl.dot(qlb, tl.trans(krb), s, input_precision=DOT_PREC)
-            if PASS_P2 > 0:
-                kp = tl.load(base[:, None] + col_p[None, :] * c_s3, mask=jm[:, None] & p_ok[None, :], other=0.0)
-                kp = kp.to(dt)
-                s = tl.dot(qp, tl.trans(kp), s, input_precision=DOT_PREC)
-            vv = tl.load(base[:, None] + (HEAD_DIM + offs_v)[None, :] * c_s3,
-                         mask=jm[:, None] & v_ok[None, :], other=0.0).to(dt)
             mask = (j[None, :] <= p[:, None]) & (j[None, :] > p[:, None] - n_local) & jm[None, :]
-            m_i, l_i, acc = _online_step(s, mask, vv, m_i, l_i, acc, qk_scale, DOT_PREC)
+            m_i, l_i, acc = _key_tile_step(qla, qlb, qp, kra, krb, base, jm, mask, col_p, p_ok, offs_v, v_ok, c_s3,
+                                           m_i, l_i, acc, qk_scale, HEAD_DIM, PASS_P2, DOT_PREC)
 
     # ---- write ------------------------------------------------------------------
     out_mask = row_ok[:, None] & v_ok[None, :]

@@ -134,3 +134,14 @@ def test_kv_manager_helpers():
 
     assert params(FullAttentionManager._remove_blocks_in_range) == ["self", "request_id", "first_block", "last_block"]
     assert "self.max_admission_blocks_per_request" in inspect.getsource(SingleTypeKVCacheManager.__init__)
+
+
+def test_impl_arguments_arrive_in_the_order_refuse_unsupported_takes():
+    """vLLM's Attention passes an impl (num_heads, head_size, scale, num_kv_heads) and then
+    these positionally; the plugin's impls hand them to refuse_unsupported as they come."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    from vllm_lminf.backends.common import refuse_unsupported
+
+    vllm_order = params(CPUAttentionBackendImpl.__init__)[5:11]
+    assert vllm_order == params(refuse_unsupported)[:6], vllm_order

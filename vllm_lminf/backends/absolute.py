@@ -20,7 +20,7 @@ from torch import nn
 from vllm.config import get_layers_from_vllm_config
 from vllm.model_executor.layers.attention import Attention
 from vllm.platforms import CpuArchEnum, current_platform
-from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -33,7 +33,7 @@ from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle, absolute_cos_sin, rotate
 
 from .. import vllm_compat
-from .common import StepBatch, refuse_output_quant, refuse_unsupported
+from .common import LambdaBackend, StepBatch, refuse_output_quant, refuse_unsupported
 
 from . import ABSOLUTE as NAME
 # vLLM CPU attention ISA whose cache layout our C++ kernel reads (keys dim-major per
@@ -131,27 +131,10 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 class AbsoluteImpl(CPUAttentionBackendImpl):
-    def __init__(
-        self,
-        num_heads: int,
-        head_size: int,
-        scale: float,
-        num_kv_heads: int,
-        alibi_slopes: list[float] | None,
-        sliding_window: int | None,
-        kv_cache_dtype: str,
-        logits_soft_cap: float | None = None,
-        attn_type: str = AttentionType.DECODER,
-        kv_sharing_target_layer_name: str | None = None,
-        *,
-        pattern: LambdaPattern,
-        style: RopeStyle,
-        inv_freq: torch.Tensor,
-    ) -> None:
-        refuse_unsupported(alibi_slopes=alibi_slopes, sliding_window=sliding_window,
-                           logits_soft_cap=logits_soft_cap, kv_cache_dtype=kv_cache_dtype, attn_type=attn_type,
-                           kv_sharing_target_layer_name=kv_sharing_target_layer_name)
-        super().__init__(num_heads, head_size, scale, num_kv_heads, None, None, kv_cache_dtype)
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, *vllm_args,
+                 pattern: LambdaPattern, style: RopeStyle, inv_freq: torch.Tensor, **vllm_kwargs) -> None:
+        refuse_unsupported(*vllm_args, **vllm_kwargs)
+        super().__init__(num_heads, head_size, scale, num_kv_heads, None, None, "auto")
         self.pattern, self.style, self.inv_freq = pattern, style, inv_freq
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: AbsoluteMetadata | None, output,
@@ -177,23 +160,7 @@ class AbsoluteImpl(CPUAttentionBackendImpl):
         return output
 
 
-class AbsoluteBackend(CPUAttentionBackend):
+class AbsoluteBackend(LambdaBackend, CPUAttentionBackend):
     """vLLM's CPU backend (cache layout, kv-cache update) with the Λ kernel past the window."""
 
-    supported_kv_cache_dtypes = ["auto"]
-
-    @staticmethod
-    def get_name() -> str:
-        return NAME
-
-    @staticmethod
-    def get_impl_cls() -> type[AbsoluteImpl]:
-        return AbsoluteImpl
-
-    @staticmethod
-    def get_builder_cls() -> type[AbsoluteMetadataBuilder]:
-        return AbsoluteMetadataBuilder
-
-    @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return False
+    NAME, IMPL, BUILDER = NAME, AbsoluteImpl, AbsoluteMetadataBuilder

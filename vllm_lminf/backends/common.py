@@ -32,10 +32,11 @@ class StepBatch:
         )
 
 
-def refuse_unsupported(*, alibi_slopes, sliding_window, logits_soft_cap, kv_cache_dtype, attn_type,
-                       kv_sharing_target_layer_name) -> None:
-    # Attention() skips vLLM's backend validation when given attn_backend=: refuse here
-    # whatever the Λ kernels do not compute.
+def refuse_unsupported(alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None,
+                       attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None, sinks=None) -> None:
+    """Takes the arguments vLLM's Attention passes an impl after (num_heads, head_size,
+    scale, num_kv_heads); refuses whatever the Λ kernels do not compute (Attention()
+    skips vLLM's own backend validation when given attn_backend=)."""
     unsupported = {
         "alibi_slopes": alibi_slopes is not None,
         "sliding_window": sliding_window is not None,
@@ -43,6 +44,7 @@ def refuse_unsupported(*, alibi_slopes, sliding_window, logits_soft_cap, kv_cach
         "kv_cache_dtype != auto": kv_cache_dtype != "auto",
         "attn_type != decoder": attn_type != AttentionType.DECODER,
         "kv sharing": kv_sharing_target_layer_name is not None,
+        "attention sinks": sinks is not None,
     }
     bad = [name for name, on in unsupported.items() if on]
     if bad:
@@ -72,3 +74,29 @@ def fixed_frequencies(rotary: torch.nn.Module) -> torch.Tensor:
         f"vllm-lminf cannot combine {kind.__name__} with lm_infinite/CLEX: supported RoPE "
         "scaling types are none (plain RoPE), 'linear' (one factor) and 'llama3'"
     )
+
+
+class LambdaBackend:
+    """The hooks vLLM reads off a backend class, from three class attributes; put it first
+    in a backend's bases."""
+
+    NAME: str
+    IMPL: type
+    BUILDER: type
+    supported_kv_cache_dtypes = ["auto"]
+
+    @classmethod
+    def get_name(cls) -> str:
+        return cls.NAME
+
+    @classmethod
+    def get_impl_cls(cls) -> type:
+        return cls.IMPL
+
+    @classmethod
+    def get_builder_cls(cls) -> type:
+        return cls.BUILDER
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False

@@ -32,7 +32,7 @@ from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.raw_torch import lambda_paged_attention
 from lminf_kernels.rope import RopeStyle
 
-from .common import StepBatch, refuse_output_quant, refuse_unsupported
+from .common import LambdaBackend, StepBatch, refuse_output_quant, refuse_unsupported
 
 from . import RAW as NAME
 KERNEL_ENV = "LMINF_RAW_KERNEL"  # "triton" forces the Triton kernel (tests, with TRITON_INTERPRET=1 on CPU)
@@ -82,6 +82,7 @@ class RawMetadata:
 
 class RawMetadataBuilder(AttentionMetadataBuilder[RawMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        # required: vLLM declares the builder constructor abstract
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -94,31 +95,15 @@ def _use_triton(query: torch.Tensor) -> bool:
 
 
 class RawImpl(AttentionImpl):
-    def __init__(
-        self,
-        num_heads: int,
-        head_size: int,
-        scale: float,
-        num_kv_heads: int,
-        alibi_slopes: list[float] | None,
-        sliding_window: int | None,
-        kv_cache_dtype: str,
-        logits_soft_cap: float | None = None,
-        attn_type: str = AttentionType.DECODER,
-        kv_sharing_target_layer_name: str | None = None,
-        *,
-        pattern: LambdaPattern,
-        rotary: RotarySource,
-    ) -> None:
-        refuse_unsupported(alibi_slopes=alibi_slopes, sliding_window=sliding_window,
-                           logits_soft_cap=logits_soft_cap, kv_cache_dtype=kv_cache_dtype, attn_type=attn_type,
-                           kv_sharing_target_layer_name=kv_sharing_target_layer_name)
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, *vllm_args,
+                 pattern: LambdaPattern, rotary: RotarySource, **vllm_kwargs) -> None:
+        refuse_unsupported(*vllm_args, **vllm_kwargs)
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
-        self.kv_cache_dtype = kv_cache_dtype
-        self.attn_type = attn_type
+        self.kv_cache_dtype = "auto"
+        self.attn_type = AttentionType.DECODER
         self.kv_sharing_target_layer_name = None
         self.pattern = pattern
         self.rotary = rotary
@@ -149,22 +134,10 @@ class RawImpl(AttentionImpl):
         return output
 
 
-class RawBackend(AttentionBackend):
+class RawBackend(LambdaBackend, AttentionBackend):
+    NAME, IMPL, BUILDER = NAME, RawImpl, RawMetadataBuilder
     forward_includes_kv_cache_update = False  # vLLM calls RawImpl.do_kv_cache_update first
     supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes = ["auto"]
-
-    @staticmethod
-    def get_name() -> str:
-        return NAME
-
-    @staticmethod
-    def get_impl_cls() -> type[RawImpl]:
-        return RawImpl
-
-    @staticmethod
-    def get_builder_cls() -> type[RawMetadataBuilder]:
-        return RawMetadataBuilder
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
@@ -174,7 +147,3 @@ class RawBackend(AttentionBackend):
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
         # [num_blocks, kv_heads, block_size, 2 * head_size] per layer, blocks contiguous
         return (KVCacheLayout.LBHNC,)
-
-    @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return False

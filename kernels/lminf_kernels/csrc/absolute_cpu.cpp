@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -67,60 +68,39 @@ constexpr int kMaxGroup = 8;  // rows (query x head) sharing a key in registers:
 template <int GC>
 constexpr int slices_for() { return GC <= 4 ? 4 : 2; }
 
-// Scores of GC query heads (q at stride D) for keys [i0, i0 + 16 * NS) of a dim-major block
-// (mask m[s] selects the valid keys of slice s).
-template <int GC, typename T>
-inline void scores_tile(int D, int B, int i0, const __mmask16* m, const float* q, const T* kd, float* s) {
+// The register tile both products use: out[g * out_stride + 16 j .. + 16] (=, or += when ADD)
+// sum_{r < R} a[g * a_stride + r] * b[r * b_stride + 16 j .. + 16], for GC rows g and
+// slices_for<GC>() 16-lane slices j (mask m[j] selects the valid lanes of slice j). Rank-1
+// updates: one load of b's row r feeds every row g.
+//   scores: a = GC query heads (r = head dim), b = a dim-major key block (lanes = keys);
+//   values: a = GC rows of probabilities (r = key), b = token-major values (lanes = dims).
+template <int GC, bool ADD, typename T>
+inline void product_tile(int R, const float* a, int a_stride, const T* b, int64_t b_stride, const __mmask16* m,
+                         float* out, int out_stride) {
   constexpr int NS = slices_for<GC>();
   __m512 acc[GC][NS];
 #pragma GCC unroll 16
   for (int g = 0; g < GC; ++g)
 #pragma GCC unroll 4
     for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_setzero_ps();
-  for (int d = 0; d < D; ++d) {
-    __m512 k[NS];
-#pragma GCC unroll 4
-    for (int j = 0; j < NS; ++j) k[j] = load16(kd + static_cast<int64_t>(d) * B + i0 + 16 * j, m[j]);
-#pragma GCC unroll 16
-    for (int g = 0; g < GC; ++g) {
-      const __m512 qd = _mm512_set1_ps(q[g * D + d]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_fmadd_ps(qd, k[j], acc[g][j]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int g = 0; g < GC; ++g)
-#pragma GCC unroll 4
-    for (int j = 0; j < NS; ++j) _mm512_mask_storeu_ps(s + g * B + i0 + 16 * j, m[j], acc[g][j]);
-}
-
-// acc[g*D + d0 + 16j ..+16] += sum_i p[g*B + i] * V[i*D + d0 + 16j ..+16] for GC heads and
-// NS dim slices j (mask m[j] selects the valid dims of slice j).
-template <int GC, typename T>
-inline void values_tile(int D, int n, int d0, const __mmask16* m, const float* p, int B, const T* v, float* out) {
-  constexpr int NS = slices_for<GC>();
-  __m512 acc[GC][NS];
-#pragma GCC unroll 16
-  for (int g = 0; g < GC; ++g)
-#pragma GCC unroll 4
-    for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_setzero_ps();
-  for (int i = 0; i < n; ++i) {
+  for (int r = 0; r < R; ++r) {
     __m512 x[NS];
 #pragma GCC unroll 4
-    for (int j = 0; j < NS; ++j) x[j] = load16(v + static_cast<int64_t>(i) * D + d0 + 16 * j, m[j]);
+    for (int j = 0; j < NS; ++j) x[j] = load16(b + r * b_stride + 16 * j, m[j]);
 #pragma GCC unroll 16
     for (int g = 0; g < GC; ++g) {
-      const __m512 pg = _mm512_set1_ps(p[g * B + i]);
+      const __m512 ag = _mm512_set1_ps(a[g * a_stride + r]);
 #pragma GCC unroll 4
-      for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_fmadd_ps(pg, x[j], acc[g][j]);
+      for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_fmadd_ps(ag, x[j], acc[g][j]);
     }
   }
 #pragma GCC unroll 16
   for (int g = 0; g < GC; ++g)
 #pragma GCC unroll 4
     for (int j = 0; j < NS; ++j) {
-      float* dst = out + g * D + d0 + 16 * j;
-      _mm512_mask_storeu_ps(dst, m[j], _mm512_add_ps(_mm512_maskz_loadu_ps(m[j], dst), acc[g][j]));
+      float* dst = out + g * out_stride + 16 * j;
+      const __m512 val = ADD ? _mm512_add_ps(_mm512_maskz_loadu_ps(m[j], dst), acc[g][j]) : acc[g][j];
+      _mm512_mask_storeu_ps(dst, m[j], val);
     }
 }
 
@@ -142,36 +122,37 @@ inline void slice_masks(int first, int limit, int ns, __mmask16* m) {
   }
 static_assert(kMaxGroup == 8, "LMINF_DISPATCH_GC instantiates 1..8 rows");
 
-// s[g*B + i] = sum_d q[g*D + d] * K[d*B + i] for i < n, g < group (K dim-major).
-template <typename T>
-inline void block_scores(int group, int D, int B, int n, const float* q, const T* kd, float* s) {
+// Calls tile(GC, g0, x0, m) for every register tile: rows in groups of GC <= kMaxGroup
+// (GC a compile-time constant), lanes [x0, x0 + 16 * slices_for<GC>()) of `lanes`.
+template <typename Tile>
+inline void for_each_tile(int group, int lanes, Tile tile) {
   __mmask16 m[4];
   for (int g0 = 0; g0 < group; g0 += kMaxGroup) {
     const int gc = std::min(kMaxGroup, group - g0);
-#define LMINF_SCORES(GC)                                                      \
-  for (int i0 = 0; i0 < n; i0 += 16 * slices_for<GC>()) {                     \
-    slice_masks(i0, n, slices_for<GC>(), m);                                  \
-    scores_tile<GC, T>(D, B, i0, m, q + g0 * D, kd, s + g0 * B);              \
+#define LMINF_TILES(GC)                                                       \
+  for (int x0 = 0; x0 < lanes; x0 += 16 * slices_for<GC>()) {                \
+    slice_masks(x0, lanes, slices_for<GC>(), m);                              \
+    tile(std::integral_constant<int, GC>{}, g0, x0, m);                       \
   }
-    LMINF_DISPATCH_GC(gc, LMINF_SCORES)
-#undef LMINF_SCORES
+    LMINF_DISPATCH_GC(gc, LMINF_TILES)
+#undef LMINF_TILES
   }
+}
+
+// s[g*B + i] = sum_d q[g*D + d] * K[d*B + i] for i < n, g < group (K dim-major).
+template <typename T>
+inline void block_scores(int group, int D, int B, int n, const float* q, const T* kd, float* s) {
+  for_each_tile(group, n, [&](auto gc, int g0, int i0, const __mmask16* m) {
+    product_tile<decltype(gc)::value, false, T>(D, q + g0 * D, D, kd + i0, B, m, s + g0 * B + i0, B);
+  });
 }
 
 // acc[g*D + d] += sum_i p[g*B + i] * V[i*D + d] (V token-major).
 template <typename T>
 inline void block_values(int group, int D, int B, int n, const float* p, const T* v, float* acc) {
-  __mmask16 m[4];
-  for (int g0 = 0; g0 < group; g0 += kMaxGroup) {
-    const int gc = std::min(kMaxGroup, group - g0);
-#define LMINF_VALUES(GC)                                                      \
-  for (int d0 = 0; d0 < D; d0 += 16 * slices_for<GC>()) {                    \
-    slice_masks(d0, D, slices_for<GC>(), m);                                  \
-    values_tile<GC, T>(D, n, d0, m, p + g0 * B, B, v, acc + g0 * D);          \
-  }
-    LMINF_DISPATCH_GC(gc, LMINF_VALUES)
-#undef LMINF_VALUES
-  }
+  for_each_tile(group, D, [&](auto gc, int g0, int d0, const __mmask16* m) {
+    product_tile<decltype(gc)::value, true, T>(n, p + g0 * B, B, v + d0, D, m, acc + g0 * D + d0, D);
+  });
 }
 #else
 template <typename T>
