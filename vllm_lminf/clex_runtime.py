@@ -1,10 +1,16 @@
-"""CLEX inside vLLM: config detection, weight capture, per-step frequency choice.
+"""CLEX inside vLLM: config detection, weight capture, the per-row choice of t.
 
-The ODE is solved once after the weights load (`vllm_lminf.clex`); each engine step
-then picks, per sequence, the row for t = min(ceil(S / L), max_factor), S being the
-sequence's length at the end of the step. Because the cache holds raw keys, every
-key the step attends is rotated with that row, which is what the reference does
-by re-rotating its whole cache.
+The ODE is solved once after the weights load (`vllm_lminf.clex`), with the upstream
+code's quirk: the time embedding inside the ODE uses base 10000 whatever rope_theta is,
+while the initial value is the checkpoint's own inv_freq (built with rope_theta).
+
+One rule for t, per query row, as the reference (which runs a prompt in one forward at
+t(P), then each generated token at t(current length), re-rotating its whole cache): the
+row at position j uses t_j = t(max(P, j + 1)), P the request's original prompt length,
+t(S) = min(ceil(S / L), max_factor); every key it attends is rotated with t_j, and
+log_scale uses the same S. The same for a one-pass prompt, chunked prefill, decode and
+recompute after preemption. A step's rows are regrouped into runs that share (t, S):
+each run is a pseudo-sequence for the kernels (`ClexFrequencies.regroup`).
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from .clex import (
+    CLEX_REFERENCE_ODE_BASE,
     CLEX_WEIGHT_NAMES,
     ClexConfig,
     clex_config_from_hf_config,
     clex_log_scale_tensor,
+    clex_scale_index,
     clex_scale_index_tensor,
     find_clex_rope_dict,
     solve_clex_frequencies,
@@ -67,10 +75,9 @@ def plain_rope_during_init(hf_config) -> Iterator[None]:
 class ClexFrequencies:
     """Holds the solved frequency table [max_factor, R/2] and serves per-step rows."""
 
-    def __init__(self, cfg: ClexConfig, *, original_len: int, base: float) -> None:
+    def __init__(self, cfg: ClexConfig, *, original_len: int) -> None:
         self.cfg = cfg
         self.original_len = original_len
-        self.base = base
         self.table: torch.Tensor | None = None
         self.rotary_dim: int | None = None  # the model's, set while its attention is installed
 
@@ -103,7 +110,7 @@ class ClexFrequencies:
                 "do not belong to this model"
             )
         self.table = solve_clex_frequencies(
-            inv_freq, up, down, base=self.base, rotary_dim=2 * inv_freq.numel(), cfg=self.cfg
+            inv_freq, up, down, base=CLEX_REFERENCE_ODE_BASE, rotary_dim=2 * inv_freq.numel(), cfg=self.cfg
         ).to(torch.float32)
         return loaded
 
@@ -115,34 +122,63 @@ class ClexFrequencies:
         self.rotary_dim = rotary_dim
 
     # -- per step ----------------------------------------------------------------
-    def _seq_lens(self, metadata) -> torch.Tensor:
-        return torch.tensor(metadata.seq_lens, dtype=torch.int64)
+    def t_of(self, length: int) -> int:
+        return clex_scale_index(length, self.original_len, self.cfg.max_factor)
 
-    def scale_index(self, metadata) -> torch.Tensor:
-        """t per sequence of this step (1-based)."""
-        return clex_scale_index_tensor(self._seq_lens(metadata), self.original_len, self.cfg.max_factor)
+    def runs(self, first: int, end: int, prompt_len: int) -> list[tuple[int, int, int]]:
+        """Query positions [first, end) of one sequence as runs (lo, hi, S): every row of
+        a run has S = max(P, j + 1) mapping to one t (and, with log_scale, one S)."""
+        out: list[tuple[int, int, int]] = []
+        lo = first
+        if lo < min(end, prompt_len):  # prompt rows: all at S = P
+            out.append((lo, min(end, prompt_len), prompt_len))
+            lo = min(end, prompt_len)
+        while lo < end:  # rows past the prompt: S = j + 1
+            if self.cfg.log_scale:
+                hi = lo + 1
+            else:  # up to the next multiple of L (t steps there), or past the cap: the rest
+                t = self.t_of(lo + 1)
+                hi = end if t >= self.cfg.max_factor else min(end, t * self.original_len)
+            out.append((lo, hi, hi))
+            lo = hi
+        if not self.cfg.log_scale:  # neighbours at one t are one run
+            merged: list[tuple[int, int, int]] = []
+            for run in out:
+                if merged and self.t_of(merged[-1][2]) == self.t_of(run[2]):
+                    merged[-1] = (merged[-1][0], run[1], run[2])
+                else:
+                    merged.append(run)
+            out = merged
+        return out
 
-    def frequencies(self, metadata) -> torch.Tensor:
-        cached = metadata.step_cache.get("clex_freq")
-        if cached is None:
-            if self.table is None:
-                raise RuntimeError("CLEX frequencies used before the weights were loaded")
-            cached = self.table[self.scale_index(metadata) - 1]
-            metadata.step_cache["clex_freq"] = cached
-        return cached
+    def regroup(self, query_start_loc: list[int], seq_lens: list[int], prompt_lens: list[int]):
+        """The step's query rows as pseudo-sequences of one (t, S) each.
 
-    def query_scale(self, metadata) -> list[float] | None:
-        if not self.cfg.log_scale:
-            return None
-        cached = metadata.step_cache.get("clex_qscale")
-        if cached is None:
-            cached = clex_log_scale_tensor(self._seq_lens(metadata), self.original_len).tolist()
-            metadata.step_cache["clex_qscale"] = cached
-        return cached
+        Returns (query_start_loc, seq_lens, owner, frequencies [runs, R/2], query_scale or
+        None): pseudo-sequence k owns rows query_start_loc[k]:query_start_loc[k+1], which
+        are the last tokens of a sequence of seq_lens[k] tokens read through the block-table
+        row of sequence owner[k]."""
+        if self.table is None:
+            raise RuntimeError("CLEX frequencies used before the weights were loaded")
+        qsl, lens, owner, lengths = [0], [], [], []
+        for i, s in enumerate(seq_lens):
+            a, b = query_start_loc[i], query_start_loc[i + 1]
+            first = s - (b - a)
+            for lo, hi, length in self.runs(first, s, prompt_lens[i]):
+                qsl.append(a + hi - first)
+                lens.append(hi)
+                owner.append(i)
+                lengths.append(length)
+        t = clex_scale_index_tensor(torch.tensor(lengths, dtype=torch.int64), self.original_len, self.cfg.max_factor)
+        freqs = self.table[t - 1]
+        scale = None
+        if self.cfg.log_scale:
+            scale = clex_log_scale_tensor(torch.tensor(lengths, dtype=torch.int64), self.original_len).tolist()
+        return qsl, lens, owner, freqs, scale
 
 
 def build_clex(hf_config) -> ClexFrequencies | None:
     cfg = clex_config_from_hf_config(hf_config)
     if cfg is None:
         return None
-    return ClexFrequencies(cfg, original_len=int(hf_config.max_position_embeddings), base=_rope_theta(hf_config))
+    return ClexFrequencies(cfg, original_len=int(hf_config.max_position_embeddings))

@@ -121,3 +121,36 @@ def set_admission_cap(manager, blocks: int) -> None:
     admit a Λ request by its bounded footprint, not by max_model_len."""
     if manager.max_admission_blocks_per_request is None:
         manager.max_admission_blocks_per_request = blocks
+
+
+# -- model runner ----------------------------------------------------------------------------
+
+_prompt_lengths: torch.Tensor | None = None
+
+
+def track_prompt_lengths() -> None:
+    """Why: CLEX picks each query row's scale from the request's original prompt length,
+    which vLLM's attention metadata does not carry (it hands it only to R-SWA models).
+    Before each metadata build the runner's per-row prompt lengths (a persistent CPU
+    tensor in batch order, unchanged by preemption) are published for `prompt_lengths`."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._build_attention_metadata
+    if getattr(original, "_lminf_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def wrapped(self, *args, **kwargs):
+        global _prompt_lengths
+        _prompt_lengths = self.input_batch.num_prompt_tokens_cpu_tensor
+        return original(self, *args, **kwargs)
+
+    wrapped._lminf_wrapped = True
+    GPUModelRunner._build_attention_metadata = wrapped
+
+
+def prompt_lengths(num_reqs: int) -> list[int]:
+    """Original prompt length of each request row of the step being built."""
+    if _prompt_lengths is None:
+        raise RuntimeError("vllm-lminf: prompt lengths requested before track_prompt_lengths() took effect")
+    return _prompt_lengths[:num_reqs].tolist()

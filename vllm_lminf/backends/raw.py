@@ -12,11 +12,13 @@ metadata to the Triton kernel is exercised inside an engine on machines without 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from vllm.config import get_layers_from_vllm_config
+from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -32,6 +34,7 @@ from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.raw_torch import lambda_paged_attention
 from lminf_kernels.rope import RopeStyle
 
+from .. import vllm_compat
 from .common import LambdaBackend, StepBatch, refuse_output_quant, refuse_unsupported
 
 from . import RAW as NAME
@@ -53,41 +56,49 @@ class RawKeyRotary(nn.Module):
 
 @dataclass(frozen=True)
 class RotarySource:
-    """A model's RoPE for the raw path: fixed frequencies, or CLEX rows per sequence.
-
-    `frequencies(md)` gives [R/2] (shared) or [num_seqs, R/2] (CLEX) float32, and
-    `query_scale(md)` a per-sequence query multiplier or None."""
+    """A model's RoPE for the raw path: fixed frequencies, or CLEX (`ClexFrequencies`,
+    which picks a frequency row per query row; see `clex_runtime`)."""
 
     style: RopeStyle
     inv_freq: torch.Tensor | None = None
-    clex: Any = None  # vllm_lminf.clex_runtime.ClexFrequencies
-
-    def frequencies(self, md: RawMetadata) -> torch.Tensor:
-        return self.inv_freq if self.clex is None else self.clex.frequencies(md)
-
-    def query_scale(self, md: RawMetadata) -> list[float] | None:
-        return None if self.clex is None else self.clex.query_scale(md)
+    clex: Any = None
 
 
 @dataclass
 class RawMetadata:
-    batch: StepBatch
-    # Per-step values shared by every layer (CLEX frequency rows, query scales).
-    step_cache: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def seq_lens(self) -> list[int]:
-        return self.batch.seq_lens
+    batch: StepBatch  # the kernels' sequences (with CLEX: runs of query rows at one t)
+    inv_freq: torch.Tensor  # [R/2] shared, or [len(batch.seq_lens), R/2] per sequence
+    query_scale: list[float] | None  # per sequence (CLEX log_scale)
 
 
 class RawMetadataBuilder(AttentionMetadataBuilder[RawMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
-        # required: vLLM declares the builder constructor abstract
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        sources = {id(layer.impl.rotary): layer.impl.rotary
+                   for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()}
+        self.rotary = next(iter(sources.values()))
+        if any(r.clex is not self.rotary.clex or r.style != self.rotary.style for r in sources.values()):
+            raise ValueError("vllm-lminf: all layers of one KV-cache group must share one RoPE")
+        if self.rotary.clex is not None:
+            vllm_compat.track_prompt_lengths()
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> RawMetadata:
-        return RawMetadata(StepBatch.of(common_attn_metadata))
+        m = common_attn_metadata
+        batch = StepBatch.of(m)
+        clex = self.rotary.clex
+        if clex is None:
+            return RawMetadata(batch, self.rotary.inv_freq, None)
+        qsl, lens, owner, freqs, scale = clex.regroup(batch.query_start_loc, batch.seq_lens,
+                                                      vllm_compat.prompt_lengths(m.num_reqs))
+        device = batch.query_start_loc_dev.device
+        runs = StepBatch(
+            num_actual_tokens=batch.num_actual_tokens, query_start_loc=qsl, seq_lens=lens,
+            block_table=batch.block_table[torch.tensor(owner, dtype=torch.long, device=batch.block_table.device)],
+            query_start_loc_dev=torch.tensor(qsl, dtype=torch.int32, device=device),
+            seq_lens_dev=torch.tensor(lens, dtype=torch.int32, device=device),
+        )
+        return RawMetadata(runs, freqs.to(device), scale)
 
 
 def _use_triton(query: torch.Tensor) -> bool:
@@ -128,8 +139,8 @@ class RawImpl(AttentionImpl):
             attend, qsl, lens = lambda_paged_attention, b.query_start_loc, b.seq_lens
         attend(
             query[:n], kv_cache, b.block_table, qsl, lens,
-            pattern=self.pattern, style=self.rotary.style, inv_freq=self.rotary.frequencies(attn_metadata),
-            scale=self.scale, query_scale=self.rotary.query_scale(attn_metadata), out=output[:n],
+            pattern=self.pattern, style=self.rotary.style, inv_freq=attn_metadata.inv_freq,
+            scale=self.scale, query_scale=attn_metadata.query_scale, out=output[:n],
         )
         return output
 
