@@ -72,43 +72,6 @@ def measure(llm, results, *, cfg: dict) -> list[dict]:
                          "decode_tok_s": b * (cfg["decode_tokens"] - 1) / (t1 - first),
                          "peak_kv_blocks": peak, "peak_kv_bytes": peak * page_bytes})
     return rows
-import time
-from vllm import SamplingParams, TokensPrompt
-from helpers import probe
-
-cfg = CFG
-mgr = probe.kv_manager(llm)
-single = mgr.coordinator.single_type_managers[0]
-page_bytes = single.kv_cache_spec.page_size_bytes * cfg["num_layers"]
-rows = []
-warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-llm.llm_engine.add_request("warm", TokensPrompt(prompt_token_ids=[7] * 64), warm)
-while llm.llm_engine.has_unfinished_requests():
-    llm.llm_engine.step()
-for n in cfg["lengths"]:
-    for b in cfg["batches"]:
-        if n > cfg["max_len_for"].get(str(b), 1 << 62):
-            continue
-        params = SamplingParams(max_tokens=cfg["decode_tokens"], temperature=0.0, ignore_eos=True)
-        for i in range(b):
-            ids = [(97 * (i + 1) + 31 * j) % 20000 + 100 for j in range(n)]
-            llm.llm_engine.add_request(f"q{n}-{b}-{i}", TokensPrompt(prompt_token_ids=ids), params)
-        t0 = time.perf_counter()
-        first, peak, produced = None, 0, 0
-        while llm.llm_engine.has_unfinished_requests():
-            outs = llm.llm_engine.step()
-            held = sum(sum(not blk.is_null for blk in blocks) for blocks in single.req_to_blocks.values())
-            peak = max(peak, held)
-            sched = probe._core(llm).scheduler
-            if first is None and all(r.num_output_tokens > 0 for r in sched.running) and not sched.waiting:
-                first = time.perf_counter()
-        t1 = time.perf_counter()
-        ttft = first - t0
-        rows.append({"length": n, "batch": b, "ttft_s": ttft, "prefill_tok_s": n * b / ttft,
-                     "decode_tok_s": b * (cfg["decode_tokens"] - 1) / (t1 - first),
-                     "peak_kv_blocks": peak, "peak_kv_bytes": peak * page_bytes})
-extra = rows
-'''
 
 
 CONFIG_NAMES = ("stock", "lminf", "stock_swa")

@@ -1,5 +1,9 @@
 """Shared test set-up.
 
+* Layout: tests/unit/ (no engine: kernels, config, CLEX ODE, vLLM internals, the
+  reference), tests/engine/ (tests that start vLLM engines or servers, marked slow),
+  tests/helpers/ (the harness and what tests share: engine runner and probes, server
+  client, tiny checkpoints, the float64 reference, kernel test cases).
 * Paths: tests/ (for the `helpers` package) and kernels/ (for `lminf_kernels`) go on
   sys.path, so tests/unit/ and tests/engine/ import both from this work tree.
 * `seed`: every test that draws random inputs takes its seed from this fixture. The seed

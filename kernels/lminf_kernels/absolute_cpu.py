@@ -96,6 +96,7 @@ class QueryPlan:
     @classmethod
     def build(cls, sequences: list[int], query_start_loc: list[int], seq_lens: list[int], pattern: LambdaPattern,
               inv_freq: torch.Tensor) -> "QueryPlan":
+        """inv_freq: [R/2] shared, or [num_seqs, R/2] per sequence (CLEX)."""
         counts = [query_start_loc[i + 1] - query_start_loc[i] for i in sequences]
         token_index = torch.cat([torch.arange(query_start_loc[i], query_start_loc[i + 1]) for i in sequences]
                                 + [torch.zeros(0, dtype=torch.int64)])
@@ -107,7 +108,8 @@ class QueryPlan:
         lo, n_glob = pattern.local_start(pos), pattern.global_end(pos)
         g_max = int(n_glob.max()) if len(pos) else 0
         j = torch.arange(g_max, dtype=torch.int64)
-        c, s = absolute_cos_sin(pattern.distance_limit - pos[:, None] + j[None, :], inv_freq)
+        freq = inv_freq if inv_freq.dim() == 1 else inv_freq[rows][:, None, :]
+        c, s = absolute_cos_sin(pattern.distance_limit - pos[:, None] + j[None, :], freq)
         chunk = SPLIT_CHUNK_TOKENS if sum(counts) < WHOLE_WINDOW_QUERIES else UNBOUNDED
         leading = torch.equal(token_index, torch.arange(len(token_index)))
         return cls(token_index, rows, lo, pos, n_glob, c.contiguous(), s.contiguous(), chunk, leading)
@@ -144,7 +146,8 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
     query: [T, Hq, D] rotated at absolute positions (`absolute_cos_sin`), sequence i
     owning rows query_start_loc[i]:query_start_loc[i+1], its queries being the last
     tokens of its seq_lens[i] tokens. kv_cache holds this step's keys already (rotated
-    the same way, `paged.store_kv(paged.absolute_views(kv_cache), ...)`). inv_freq: [R/2] float32. plan: the step's
+    the same way, `paged.store_kv(paged.absolute_views(kv_cache), ...)`). inv_freq: [R/2], or
+    [num_seqs, R/2] per sequence (CLEX), float32. plan: the step's
     `QueryPlan` for exactly `sequences` (built here when not given). sequences: compute
     only these (others' output rows are left untouched). use_extension=False: torch only.
     """
@@ -162,6 +165,22 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
             return out
     for i in todo:
         a, b = query_start_loc[i], query_start_loc[i + 1]
-        _torch_rows(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, inv_freq, scale,
+        freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
+        _torch_rows(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq, scale,
                     out[a:b], query_tile)
     return out
+
+
+def rerotate_keys(kv_cache: torch.Tensor, block_row: torch.Tensor, lo: int, hi: int, delta_freq: torch.Tensor,
+                  style: RopeStyle) -> None:
+    """Turn the cached keys of positions [lo, hi) of one sequence, rotated at their absolute
+    position with frequencies f, into the same keys rotated with f + delta_freq (CLEX's
+    frequencies changing with t): R((f + δ) j) = R(δ j) R(f j), angles in float64."""
+    if hi <= lo:
+        return
+    keys, _ = absolute_views(kv_cache)
+    pos = torch.arange(lo, hi)
+    bs = keys.shape[2]
+    blk, off = block_row[pos // bs].long(), pos % bs
+    c, s = absolute_cos_sin(pos, delta_freq)
+    keys[blk, :, off] = rotate(keys[blk, :, off], c[:, None], s[:, None], style).to(keys.dtype)

@@ -13,7 +13,7 @@ from lminf_kernels.paged import absolute_views, store_kv
 from lminf_kernels.naive import lambda_paged_attention_naive
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
-from test_kernels_torch import CASES, build_paged, case_inputs, make_inv_freq, poison_unread_blocks, rel_err
+from helpers.kernel_cases import CASES, build_paged, case_inputs, make_inv_freq, poison_unread_blocks, rel_err
 
 
 def rotate64(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, style: RopeStyle) -> torch.Tensor:

@@ -4,7 +4,6 @@ against the naive reference. No vLLM needed."""
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -12,12 +11,9 @@ import torch
 from lminf_kernels.raw_torch import lambda_paged_attention
 from lminf_kernels.naive import lambda_attention_dense, lambda_paged_attention_naive
 from lminf_kernels.pattern import LambdaPattern
-from lminf_kernels.rope import RopeStyle, cos_sin, rotate
+from lminf_kernels.rope import RopeStyle
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
+from helpers.kernel_cases import CASES, build_paged, case_inputs, make_inv_freq, poison_unread_blocks, rel_err
 
 
 def rotation_matrix(delta: int, inv_freq: torch.Tensor, head: int, style: RopeStyle) -> torch.Tensor:
@@ -54,10 +50,6 @@ def formula_attention(q, k, v, q_pos, pattern, style, inv_freq, scale):
             w = torch.softmax(torch.stack(logits), 0)
             out[t, h] = (w[:, None] * torch.stack(vals)).sum(0)
     return out
-
-
-def make_inv_freq(rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
-    return 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
 
 
 @pytest.mark.parametrize(
@@ -101,72 +93,6 @@ def test_naive_full_window_is_causal_rope(seed):
     logits = logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
     want = torch.einsum("hts,shd->thd", logits.softmax(-1), v)
     assert rel_err(got, want) < 1e-12
-
-
-def build_paged(seq_lens, hkv, dh, block_size, dtype=torch.float32, poison_gap: LambdaPattern | None = None):
-    """Random paged cache with a shuffled block table. With `poison_gap`, every block
-    that holds only tokens no query of the last step can read is filled with NaN."""
-    nblocks = [-(-s // block_size) for s in seq_lens]
-    total = sum(nblocks) + 1
-    cache = torch.randn(total, hkv, block_size, 2 * dh, dtype=dtype)
-    ids = list(range(1, total))
-    random.shuffle(ids)
-    table = torch.zeros(len(seq_lens), max(nblocks), dtype=torch.int32)
-    pos = 0
-    for i, nb in enumerate(nblocks):
-        table[i, :nb] = torch.tensor(ids[pos : pos + nb], dtype=torch.int32)
-        pos += nb
-    return cache, table
-
-
-def poison_unread_blocks(cache, table, seq_lens, q_lens, pattern):
-    """NaN-fill blocks outside every query's global and local spans; return a copy."""
-    cache = cache.clone()
-    bs = cache.shape[2]
-    for i, (s, n) in enumerate(zip(seq_lens, q_lens)):
-        if n == 0:
-            continue
-        needed_lo = pattern.local_start(s - n)
-        g_hi = min(pattern.n_global, s)
-        for blk in range(-(-s // bs)):
-            first, last = blk * bs, min(s, (blk + 1) * bs) - 1
-            if last < needed_lo and first >= g_hi:
-                cache[table[i, blk]] = float("nan")
-        # slots past the sequence's end in its last block are unwritten: poison them too
-        tail = s % bs
-        if tail:
-            cache[table[i, (s - 1) // bs], :, tail:] = float("nan")
-    return cache
-
-
-CASES = [
-    # (seq_lens, q_lens, pattern, block_size, query_tile)
-    ([37], [37], LambdaPattern(4, 8, 8), 16, 256),  # prefill far past the window
-    ([37], [37], LambdaPattern(4, 8, 8), 16, 5),  # same, many query tiles
-    ([64], [64], LambdaPattern(4, 64, 64), 32, 7),  # exactly the window
-    ([65], [1], LambdaPattern(4, 64, 64), 32, 256),  # decode one past the window
-    ([200], [1], LambdaPattern(10, 32, 32), 32, 256),  # decode far past
-    ([1], [1], LambdaPattern(4, 8, 8), 32, 256),  # length 1
-    ([96, 5, 130, 33], [20, 5, 1, 1], LambdaPattern(3, 16, 20), 32, 8),  # mixed chunk/prefill/decodes
-    ([96, 7, 300], [0, 7, 64], LambdaPattern(0, 24, 24), 32, 16),  # empty query row, G=0
-    ([128, 129], [128, 1], LambdaPattern(17, 40, 33), 128, 64),  # G not a block multiple, B=128
-    ([50], [50], LambdaPattern(100, 10, 10), 16, 16),  # G beyond the sequence
-]
-
-
-def case_inputs(case, neox):
-    """Fresh random inputs for one CASES entry: (raw cache, table, qsl, query, kw); kw holds
-    the pattern, rotary style (partial rotary for GPT-J), frequencies and scale."""
-    seq_lens, q_lens, pattern, bs, _ = case
-    hq, hkv, dh = 6, 2, 16
-    style = RopeStyle(12 if not neox else 16, neox)
-    cache, table = build_paged(seq_lens, hkv, dh, bs)
-    qsl = [0]
-    for n in q_lens:
-        qsl.append(qsl[-1] + n)
-    query = torch.randn(qsl[-1], hq, dh)
-    kw = dict(pattern=pattern, style=style, inv_freq=make_inv_freq(style.rotary_dim), scale=dh**-0.5)
-    return cache, table, qsl, query, kw
 
 
 @pytest.mark.parametrize("neox", [True, False])

@@ -17,7 +17,6 @@ from helpers.reference import (
     lm_infinite_delta,
     pairwise_logits,
     step_delta,
-    token_logprobs,
 )
 from helpers.tiny_checkpoint import make_tiny_llama
 
