@@ -4,7 +4,8 @@ Every supported attention module computes `q, k = self.rotary_emb(positions, q, 
 then `self.attn(q, k, v)`. We keep that forward untouched and swap two children, both
 from the backend the layer runs on:
   - absolute (`backends/absolute.py`, the CPU fast path): `rotary_emb` becomes
-    `AbsoluteRotary` and `attn` an `LMInfAttention` on `AbsoluteBackend`;
+    `AbsoluteRotary` and `attn` an `LMInfAttention` on `AbsoluteBackend` (with CLEX: a
+    pass-through and `AbsoluteClexBackend`, which rotates per row);
   - raw (`backends/raw.py`: CLEX, CUDA, anything else): `rotary_emb` becomes a
     pass-through and `attn` an `LMInfAttention` on `RawBackend`.
 """
@@ -29,7 +30,8 @@ class LMInfAttention(Attention):
     """vLLM's Attention on one of the plugin's backends; its KV spec comes from the
     KV policy (bounded for Λ layers that free their middle blocks)."""
 
-    def __init__(self, stock: Attention, *, backend, lminf: LMInfiniteConfig | None, **impl_kwargs):
+    def __init__(self, stock: Attention, *, backend, lminf: LMInfiniteConfig | None,
+                 clex_scale: tuple[int, int] | None, **impl_kwargs):
         super().__init__(
             stock.num_heads,
             stock.head_size,
@@ -40,9 +42,11 @@ class LMInfAttention(Attention):
             **impl_kwargs,
         )
         self.lminf = lminf
+        self.clex_scale = clex_scale
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig):
-        return kv_policy.kv_cache_spec(super().get_kv_cache_spec(vllm_config), self.lminf, vllm_config)
+        return kv_policy.kv_cache_spec(super().get_kv_cache_spec(vllm_config), self.lminf, self.clex_scale,
+                                       vllm_config)
 
 
 def _check_stock_attention(attn: Attention, dtype: torch.dtype) -> None:
@@ -60,6 +64,10 @@ def _check_stock_attention(attn: Attention, dtype: torch.dtype) -> None:
 def install(model: nn.Module, vllm_config: VllmConfig, *, lminf: LMInfiniteConfig | None, clex) -> int:
     """Swap every (rotary_emb, attn) pair in `model`; returns how many were swapped."""
     pattern = lminf.pattern if lminf is not None else LambdaPattern.causal()
+    # CLEX on the CPU fast path re-rotates a sequence's cached keys in place when its t
+    # steps up, which blocks shared through the prefix cache must never see: with prefix
+    # caching on, CLEX takes the raw-key path (exact as well, slower).
+    prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
     count = 0
     for module in list(model.modules()):
         stock = getattr(module, "attn", None)
@@ -68,19 +76,26 @@ def install(model: nn.Module, vllm_config: VllmConfig, *, lminf: LMInfiniteConfi
             continue
         _check_stock_attention(stock, torch.get_default_dtype())
         style = RopeStyle(rope.rotary_dim, bool(rope.is_neox_style))
+        policy = dict(lminf=lminf, clex_scale=None)
         if clex is not None:
             clex.check_rotary_dim(rope.rotary_dim)
+            policy["clex_scale"] = (clex.original_len, clex.cfg.max_factor)
         # The stock layer registered itself under this prefix; ours takes its place.
         vllm_compat.unregister_layer(vllm_config, stock.layer_name)
-        if clex is None and absolute.supported(stock.head_size):
-            inv_freq = fixed_frequencies(rope)
-            module.attn = LMInfAttention(stock, backend=absolute.AbsoluteBackend, lminf=lminf,
-                                         pattern=pattern, style=style, inv_freq=inv_freq)
-            module.rotary_emb = absolute.AbsoluteRotary(rope, style, inv_freq)
+        if absolute.supported(stock.head_size) and (clex is None or not prefix_caching):
+            if clex is None:
+                inv_freq = fixed_frequencies(rope)
+                module.attn = LMInfAttention(stock, backend=absolute.AbsoluteBackend, **policy,
+                                             pattern=pattern, style=style, inv_freq=inv_freq)
+                module.rotary_emb = absolute.AbsoluteRotary(rope, style, inv_freq)
+            else:
+                module.attn = LMInfAttention(stock, backend=absolute.AbsoluteClexBackend, **policy,
+                                             pattern=pattern, style=style, inv_freq=torch.empty(0), clex=clex)
+                module.rotary_emb = raw.RawKeyRotary(rope)
         else:
             source = raw.RotarySource(style=style, clex=clex) if clex is not None else \
                 raw.RotarySource(style=style, inv_freq=fixed_frequencies(rope))
-            module.attn = LMInfAttention(stock, backend=raw.RawBackend, lminf=lminf, pattern=pattern, rotary=source)
+            module.attn = LMInfAttention(stock, backend=raw.RawBackend, **policy, pattern=pattern, rotary=source)
             module.rotary_emb = raw.RawKeyRotary(rope)
         count += 1
     if count == 0:

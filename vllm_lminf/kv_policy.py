@@ -9,6 +9,10 @@ The worker's block table keeps stale ids there; the backend never reads them.
 Per sequence this holds at most
     cdiv(n_global, B) + cdiv(n_local - 1 + in_flight, B) + 1
 blocks, whatever its length; start-up sizing and admission use that bound.
+
+Under CLEX a block's KV depends on the scale t it was computed at (lower layers
+attended with that t); every row of a request up to its prompt length P runs at t(P),
+so prefix-cache hits are keyed by t(P) (`ClexAttentionSpec`, or `clex_scale` on the Λ spec).
 """
 
 from __future__ import annotations
@@ -19,7 +23,36 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from .vllm_compat import ensure_builtin_kv_specs, free_blocks_in_range, set_admission_cap
+from .clex import clex_scale_index
+from .vllm_compat import ensure_builtin_kv_specs, free_blocks_in_range, key_prefix_cache, set_admission_cap
+
+
+def _key_hits_by_clex_t(clex_scale: tuple[int, int] | None) -> None:
+    if clex_scale is not None:
+        original_len, max_factor = clex_scale
+        key_prefix_cache(lambda request: ("clex_t", clex_scale_index(request.num_prompt_tokens, original_len,
+                                                                     max_factor)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClexAttentionSpec(FullAttentionSpec):
+    """Full attention under CLEX: prefix-cache hits keyed by t(P)."""
+
+    clex_scale: tuple[int, int]  # (trained length L, max_factor)
+
+    @classmethod
+    def merge(cls, specs: list[ClexAttentionSpec]) -> ClexAttentionSpec:
+        scales = {getattr(s, "clex_scale", None) for s in specs}
+        if len(scales) != 1 or None in scales:
+            raise ValueError("all layers of one KV cache group must share one CLEX scale")
+        base = FullAttentionSpec.merge(specs)
+        return cls(**{f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)}, clex_scale=scales.pop())
+
+
+class ClexAttentionManager(FullAttentionManager):
+    def __init__(self, kv_cache_spec: ClexAttentionSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        _key_hits_by_clex_t(kv_cache_spec.clex_scale)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +62,7 @@ class LambdaAttentionSpec(FullAttentionSpec):
     # tokens scheduled but not yet settled (vLLM's max_in_flight_tokens)
     in_flight_tokens: int
     max_model_len: int
+    clex_scale: tuple[int, int] | None = None  # (L, max_factor) under CLEX
 
     def max_blocks_per_request(self) -> int:
         bound = (
@@ -43,14 +77,16 @@ class LambdaAttentionSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs: list[LambdaAttentionSpec]) -> LambdaAttentionSpec:
-        own = {(s.n_global, s.n_local, s.in_flight_tokens, s.max_model_len) for s in specs if isinstance(s, LambdaAttentionSpec)}
+        own = {(s.n_global, s.n_local, s.in_flight_tokens, s.max_model_len, s.clex_scale)
+               for s in specs if isinstance(s, LambdaAttentionSpec)}
         if len(own) != 1 or len(specs) != sum(isinstance(s, LambdaAttentionSpec) for s in specs):
             raise ValueError("all layers of one KV cache group must share one lm_infinite window")
         base = FullAttentionSpec.merge(specs)
-        n_global, n_local, in_flight, max_len = own.pop()
+        n_global, n_local, in_flight, max_len, clex_scale = own.pop()
         return cls(
             **{f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)},
             n_global=n_global, n_local=n_local, in_flight_tokens=in_flight, max_model_len=max_len,
+            clex_scale=clex_scale,
         )
 
 
@@ -73,6 +109,7 @@ class LambdaAttentionManager(FullAttentionManager):
         usable = self.block_pool.num_gpu_blocks - 1  # block 0 is the null block
         if need > usable:
             raise ValueError(too_small_message(kv_cache_spec, usable))
+        _key_hits_by_clex_t(kv_cache_spec.clex_scale)
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
@@ -80,23 +117,24 @@ class LambdaAttentionManager(FullAttentionManager):
         free_blocks_in_range(self, request_id, self.first_gap_block, first_needed // self.block_size)
 
 
-def kv_cache_spec(stock: FullAttentionSpec, lminf, vllm_config):
+def kv_cache_spec(stock: FullAttentionSpec, lminf, clex_scale: tuple[int, int] | None, vllm_config):
     """The KV spec of a plugin layer: bounded for Λ layers that free their middle blocks,
-    else vLLM's own (`stock`)."""
-    if lminf is None or not lminf.free_middle_blocks:
-        return stock
-    return LambdaAttentionSpec(
-        **{f.name: getattr(stock, f.name) for f in fields(FullAttentionSpec)},
-        n_global=lminf.n_global,
-        n_local=lminf.n_local,
-        in_flight_tokens=vllm_config.max_in_flight_tokens,
-        max_model_len=vllm_config.model_config.max_model_len,
-    )
+    keyed by t under CLEX, else vLLM's own (`stock`)."""
+    base = {f.name: getattr(stock, f.name) for f in fields(FullAttentionSpec)}
+    if lminf is not None and lminf.free_middle_blocks:
+        return LambdaAttentionSpec(
+            **base, n_global=lminf.n_global, n_local=lminf.n_local,
+            in_flight_tokens=vllm_config.max_in_flight_tokens,
+            max_model_len=vllm_config.model_config.max_model_len, clex_scale=clex_scale,
+        )
+    if clex_scale is not None:
+        return ClexAttentionSpec(**base, clex_scale=clex_scale)
+    return stock
 
 
 def register_kv_policy() -> None:
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     ensure_builtin_kv_specs()
-    KVCacheSpecRegistry.register(LambdaAttentionSpec, LambdaAttentionManager,
-                                 uniform_type_base_spec=FullAttentionSpec)
+    for spec, manager in ((LambdaAttentionSpec, LambdaAttentionManager), (ClexAttentionSpec, ClexAttentionManager)):
+        KVCacheSpecRegistry.register(spec, manager, uniform_type_base_spec=FullAttentionSpec)

@@ -123,6 +123,29 @@ def set_admission_cap(manager, blocks: int) -> None:
         manager.max_admission_blocks_per_request = blocks
 
 
+def key_prefix_cache(first_block_key: Callable) -> None:
+    """Why: under CLEX a block's KV depends on the scale t the request computed it at, so
+    a prefix-cache hit is exact only between requests at the same t. vLLM's block hashes
+    take extra keys (LoRA, multimodal, cache_salt) only through this function; the
+    request's first block gets `first_block_key(request)` too, and the hash chain carries
+    it to every later block."""
+    import vllm.v1.core.kv_cache_utils as kcu
+
+    original = kcu.generate_block_hash_extra_keys
+    if getattr(original, "_lminf_wrapped", False):
+        original = original.__wrapped__
+
+    @functools.wraps(original)
+    def wrapped(request, start_token_idx, end_token_idx, start_mm_idx):
+        keys, next_mm = original(request, start_token_idx, end_token_idx, start_mm_idx)
+        if start_token_idx == 0:
+            keys = (keys or ()) + (first_block_key(request),)
+        return keys, next_mm
+
+    wrapped._lminf_wrapped = True
+    kcu.generate_block_hash_extra_keys = wrapped
+
+
 # -- model runner ----------------------------------------------------------------------------
 
 _prompt_lengths: torch.Tensor | None = None

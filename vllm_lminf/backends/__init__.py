@@ -6,8 +6,10 @@ Names registered in vLLM's AttentionBackendEnum -> class paths, imported lazily 
 (registration must not import the backends: it runs in every process)."""
 
 ABSOLUTE = "LMINF_ABSOLUTE"
+ABSOLUTE_CLEX = "LMINF_ABSOLUTE_CLEX"
 RAW = "LMINF_RAW"
 REGISTERED = {
     ABSOLUTE: "vllm_lminf.backends.absolute.AbsoluteBackend",
+    ABSOLUTE_CLEX: "vllm_lminf.backends.absolute.AbsoluteClexBackend",
     RAW: "vllm_lminf.backends.raw.RawBackend",
 }

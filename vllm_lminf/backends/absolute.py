@@ -13,7 +13,8 @@ subclassing). Decodes and prefill chunks past the window go to the C++ kernel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,14 +29,16 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from lminf_kernels.absolute_cpu import QueryPlan, lambda_attention_absolute
+from lminf_kernels.absolute_cpu import QueryPlan, lambda_attention_absolute, rerotate_keys
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle, absolute_cos_sin, rotate
 
 from .. import vllm_compat
+from ..clex import clex_log_scale_tensor, clex_scale_index_tensor
 from .common import LambdaBackend, StepBatch, refuse_output_quant, refuse_unsupported
 
 from . import ABSOLUTE as NAME
+from . import ABSOLUTE_CLEX as CLEX_NAME
 # vLLM CPU attention ISA whose cache layout our C++ kernel reads (keys dim-major per
 # block). vLLM would pick "amx" for bf16 on AMX machines; its "vec" kernel runs on every x86.
 ISA = "vec"
@@ -75,28 +78,32 @@ class AbsoluteRotary(nn.Module):
 
 
 @dataclass
-class AbsoluteMetadata:
-    batch: StepBatch
-    inside: CPUAttentionMetadata | None  # vLLM's metadata for the sequences inside the window
-    inside_rows: torch.Tensor | None  # their query rows, None when they are all the rows
+class Wave:
+    """Query rows attended together. Their sequences (with CLEX: runs of rows at one t,
+    each a pseudo-sequence ending at its last row) find every key they read in the cache,
+    rotated with their frequencies, once the wave's own keys are stored."""
+
+    rows: torch.Tensor | None  # the step's rows in this wave, None: every row in order
+    batch: StepBatch  # its sequences, rows numbered within the wave
+    inv_freq: torch.Tensor  # [R/2], or [len(batch.seq_lens), R/2] per sequence (CLEX)
+    inside: CPUAttentionMetadata | None  # vLLM's metadata for sequences inside the window
+    inside_rows: torch.Tensor | None  # their rows within the wave, None: every row of the wave
     beyond: list[int]  # the other sequences: our kernel
     plan: QueryPlan | None  # our kernel's inputs for them
+    # CLEX only (q and k arrive unrotated): per-row rotation and query scale, the wave's
+    # cache slots, and (block-table row, lo, hi, delta frequencies) of cached keys to
+    # re-rotate before the wave because their sequence's t stepped up.
+    row_cos: torch.Tensor | None = None
+    row_sin: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    rerotate: list[tuple[torch.Tensor, int, int, torch.Tensor]] = field(default_factory=list)
 
 
-def _subset(m: CommonAttentionMetadata, batch: StepBatch, seqs: list[int]) -> tuple[CommonAttentionMetadata, torch.Tensor]:
-    """vLLM's batch metadata restricted to the sequences `seqs`, and their query rows."""
-    qsl = batch.query_start_loc
-    rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in seqs])
-    counts = [qsl[i + 1] - qsl[i] for i in seqs]
-    sub_qsl = torch.tensor([0] + counts, dtype=torch.int32).cumsum(0).to(torch.int32)
-    index = torch.tensor(seqs)
-    sub = m.replace(
-        query_start_loc=sub_qsl, query_start_loc_cpu=sub_qsl, seq_lens=m.seq_lens[index], num_reqs=len(seqs),
-        num_actual_tokens=len(rows), max_query_len=max(counts), max_seq_len=max(batch.seq_lens[i] for i in seqs),
-        block_table_tensor=m.block_table_tensor[index], slot_mapping=m.slot_mapping[rows], positions=None,
-        _num_computed_tokens_cache=None, _token_to_req_indices_cache=None,
-    )
-    return sub, rows
+@dataclass
+class AbsoluteMetadata:
+    num_actual_tokens: int
+    waves: list[Wave]
 
 
 class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -105,62 +112,189 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
         vllm_compat.force_cpu_attention_isa(self, ISA)
         impls = {id(layer.impl): layer.impl
                  for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()}
-        patterns = {(i.pattern, tuple(i.inv_freq.tolist())) for i in impls.values()}
-        if len(patterns) != 1:
-            raise ValueError("vllm-lminf: all layers of one KV-cache group must share one Λ pattern and RoPE")
         impl = next(iter(impls.values()))
-        self.pattern, self.inv_freq = impl.pattern, impl.inv_freq
+        if any(i.pattern != impl.pattern or i.clex is not impl.clex or not torch.equal(i.inv_freq, impl.inv_freq)
+               for i in impls.values()):
+            raise ValueError("vllm-lminf: all layers of one KV-cache group must share one Λ pattern and RoPE")
+        self.pattern, self.inv_freq, self.clex = impl.pattern, impl.inv_freq, impl.clex
+        if self.clex is not None:
+            vllm_compat.track_prompt_lengths()
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> AbsoluteMetadata:
         m = common_attn_metadata
         batch = StepBatch.of(m)
+        if self.clex is None:
+            return AbsoluteMetadata(batch.num_actual_tokens, [self._wave(m, batch, None, self.inv_freq)])
+        return AbsoluteMetadata(batch.num_actual_tokens, self._clex_waves(m, batch))
+
+    def _wave(self, m: CommonAttentionMetadata, batch: StepBatch, rows: torch.Tensor | None,
+              inv_freq: torch.Tensor) -> Wave:
         # A sequence no longer than the window has no global branch and a window that
         # covers everything: plain causal attention, vLLM's kernel.
         inside = [i for i, s in enumerate(batch.seq_lens) if s <= self.pattern.n_local]
         beyond = [i for i, s in enumerate(batch.seq_lens) if s > self.pattern.n_local]
-        vllm_md, rows = None, None
+        vllm_md, inside_rows = None, None
         if inside:
-            sub = m
-            if beyond:
-                sub, rows = _subset(m, batch, inside)
-            vllm_md = super().build(common_prefix_len, sub, fast_build)
-        plan = QueryPlan.build(beyond, batch.query_start_loc, batch.seq_lens, self.pattern, self.inv_freq) \
+            if rows is None and not beyond:
+                vllm_md = super().build(0, m)  # the step as vLLM built it
+            else:
+                sub, inside_rows = _subset(m, batch, inside)
+                vllm_md = super().build(0, sub)
+        plan = QueryPlan.build(beyond, batch.query_start_loc, batch.seq_lens, self.pattern, inv_freq) \
             if beyond else None
-        return AbsoluteMetadata(batch, vllm_md, rows, beyond, plan)
+        return Wave(rows, batch, inv_freq, vllm_md, inside_rows, beyond, plan)
+
+    def _clex_waves(self, m: CommonAttentionMetadata, batch: StepBatch) -> list[Wave]:
+        """Wave w holds the w-th run of one t of every sequence (one wave but for a chunk
+        that crosses a step of t, as in recompute after preemption)."""
+        clex, pattern = self.clex, self.pattern
+        prompt_lens = vllm_compat.prompt_lengths(m.num_reqs)
+        qsl, lens = batch.query_start_loc, batch.seq_lens
+        firsts = [s - (qsl[i + 1] - qsl[i]) for i, s in enumerate(lens)]
+        runs = [clex.runs(first, s, p) for first, s, p in zip(firsts, lens, prompt_lens)]
+        # t of the keys a sequence holds: those of its previous step's last row
+        held = [clex.t_of(max(p, first)) if first > 0 else None for first, p in zip(firsts, prompt_lens)]
+        table = clex.table
+        waves = []
+        for w in range(max((len(r) for r in runs), default=0)):
+            rows, wave_qsl, wave_lens, owners, lengths, rerotate = [], [0], [], [], [], []
+            for i, seq_runs in enumerate(runs):
+                if w >= len(seq_runs):
+                    continue
+                lo, hi, length = seq_runs[w]
+                t = clex.t_of(length)
+                if held[i] is not None and held[i] != t:
+                    delta = table[t - 1].double() - table[held[i] - 1].double()
+                    for a, b in _read_later(pattern, lo):
+                        rerotate.append((batch.block_table[i], a, b, delta))
+                held[i] = t
+                start = qsl[i] + lo - firsts[i]
+                rows.append(torch.arange(start, start + hi - lo))
+                wave_qsl.append(wave_qsl[-1] + hi - lo)
+                wave_lens.append(hi)
+                owners.append(i)
+                lengths.append(length)
+            row_index = torch.cat(rows)
+            owner = torch.tensor(owners, dtype=torch.long)
+            sub = StepBatch(num_actual_tokens=len(row_index), query_start_loc=wave_qsl, seq_lens=wave_lens,
+                            block_table=batch.block_table[owner],
+                            query_start_loc_dev=torch.tensor(wave_qsl, dtype=torch.int32),
+                            seq_lens_dev=torch.tensor(wave_lens, dtype=torch.int32))
+            lengths_t = torch.tensor(lengths, dtype=torch.int64)
+            freqs = table[clex_scale_index_tensor(lengths_t, clex.original_len, clex.cfg.max_factor) - 1]
+            every_row = w == 0 and len(runs) == len(owners) and len(row_index) == qsl[-1] \
+                and all(len(r) == 1 for r in runs)
+            wave = self._wave(_pseudo(m, sub, m.slot_mapping[row_index]), sub, None if every_row else row_index,
+                              freqs)
+            # rotation of each row at its absolute position with its run's frequencies
+            counts = torch.tensor([b - a for a, b in zip(wave_qsl, wave_qsl[1:])])
+            positions = torch.cat([torch.arange(n - c, n) for n, c in zip(wave_lens, counts.tolist())])
+            wave.row_cos, wave.row_sin = absolute_cos_sin(positions, freqs.repeat_interleave(counts, 0))
+            if clex.cfg.log_scale:
+                wave.row_scale = clex_log_scale_tensor(lengths_t, clex.original_len).repeat_interleave(counts)[:, None, None]
+            wave.slots = m.slot_mapping[row_index]
+            wave.rerotate = rerotate
+            waves.append(wave)
+        return waves
+
+
+def _read_later(pattern: LambdaPattern, p: int) -> list[tuple[int, int]]:
+    """Key positions < p that some query at a position >= p may still read: the global
+    tokens and the window of p (nothing between them is read again)."""
+    window = pattern.local_start(p)
+    if window <= pattern.n_global:
+        return [(0, p)]
+    return [(0, pattern.n_global), (window, p)]
+
+
+def _subset(m: CommonAttentionMetadata, batch: StepBatch, seqs: list[int]) -> tuple[CommonAttentionMetadata, torch.Tensor]:
+    """vLLM's metadata for the sequences `seqs` of `batch` (which `m` describes), and their rows."""
+    qsl = batch.query_start_loc
+    rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in seqs])
+    sub_qsl = [0] + list(itertools.accumulate(qsl[i + 1] - qsl[i] for i in seqs))
+    lens = [batch.seq_lens[i] for i in seqs]
+    sub = StepBatch(num_actual_tokens=len(rows), query_start_loc=sub_qsl, seq_lens=lens,
+                    block_table=batch.block_table[torch.tensor(seqs)],
+                    query_start_loc_dev=torch.tensor(sub_qsl, dtype=torch.int32),
+                    seq_lens_dev=torch.tensor(lens, dtype=torch.int32))
+    return _pseudo(m, sub, m.slot_mapping[rows]), rows
+
+
+def _pseudo(m: CommonAttentionMetadata, batch: StepBatch, slots: torch.Tensor) -> CommonAttentionMetadata:
+    """vLLM's metadata describing `batch` (pseudo-sequences over the same block tables)."""
+    qsl = torch.tensor(batch.query_start_loc, dtype=torch.int32)
+    return m.replace(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32),
+        num_reqs=len(batch.seq_lens), num_actual_tokens=batch.num_actual_tokens,
+        max_query_len=max(b - a for a, b in zip(batch.query_start_loc, batch.query_start_loc[1:])),
+        max_seq_len=max(batch.seq_lens), block_table_tensor=batch.block_table, slot_mapping=slots, positions=None,
+        _num_computed_tokens_cache=None, _token_to_req_indices_cache=None,
+    )
 
 
 class AbsoluteImpl(CPUAttentionBackendImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, *vllm_args,
-                 pattern: LambdaPattern, style: RopeStyle, inv_freq: torch.Tensor, **vllm_kwargs) -> None:
+                 pattern: LambdaPattern, style: RopeStyle, inv_freq: torch.Tensor, clex=None, **vllm_kwargs) -> None:
         refuse_unsupported(*vllm_args, **vllm_kwargs)
         super().__init__(num_heads, head_size, scale, num_kv_heads, None, None, "auto")
-        self.pattern, self.style, self.inv_freq = pattern, style, inv_freq
+        self.pattern, self.style, self.inv_freq, self.clex = pattern, style, inv_freq, clex
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: AbsoluteMetadata | None, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
         refuse_output_quant(output_scale, output_block_scale)
         if attn_metadata is None:  # profiling / compile warm-up: no cache, no work
             return output
-        md = attn_metadata
-        n = md.batch.num_actual_tokens
-        if md.inside is not None:
-            if md.inside_rows is None:
-                super().forward(layer, query, key, value, kv_cache, md.inside, output)
-            else:
-                sub_out = query.new_empty(query[: len(md.inside_rows)].shape)
-                super().forward(layer, query.index_select(0, md.inside_rows), None, None, kv_cache, md.inside, sub_out)
-                output[:n].index_copy_(0, md.inside_rows, sub_out.to(output.dtype))
-        if md.beyond:
-            lambda_attention_absolute(
-                query[:n], kv_cache, md.batch.block_table, md.batch.query_start_loc, md.batch.seq_lens,
-                pattern=self.pattern, style=self.style, inv_freq=self.inv_freq, scale=self.scale, out=output[:n],
-                plan=md.plan, sequences=md.beyond,
-            )
+        n = attn_metadata.num_actual_tokens
+        query, output = query[:n], output[:n]
+        for wave in attn_metadata.waves:
+            q = query if wave.rows is None else query.index_select(0, wave.rows)
+            out = output if wave.rows is None else q.new_empty(q.shape)
+            if self.clex is not None:
+                q = self._rotate_and_store(layer, wave, q, key[:n], value[:n], kv_cache)
+            self._attend(layer, wave, q, kv_cache, out)
+            if wave.rows is not None:
+                output.index_copy_(0, wave.rows, out.to(output.dtype))
         return output
+
+    def _rotate_and_store(self, layer, wave: Wave, q, key, value, kv_cache) -> torch.Tensor:
+        """CLEX: bring held keys to the wave's t, rotate its q and k rows, store its K/V."""
+        for block_row, lo, hi, delta in wave.rerotate:
+            rerotate_keys(kv_cache, block_row, lo, hi, delta, self.style)
+        if wave.rows is not None:
+            key, value = key.index_select(0, wave.rows), value.index_select(0, wave.rows)
+        cos, sin = wave.row_cos[:, None], wave.row_sin[:, None]
+        k = rotate(key, cos, sin, self.style).to(key.dtype)
+        super().do_kv_cache_update(layer, k, value, kv_cache, wave.slots)
+        if wave.row_scale is not None:
+            q = q.float() * wave.row_scale
+        return rotate(q, cos, sin, self.style).to(key.dtype)
+
+    def _attend(self, layer, wave: Wave, q, kv_cache, out) -> None:
+        if wave.inside is not None:
+            if wave.inside_rows is None:
+                super().forward(layer, q, None, None, kv_cache, wave.inside, out)
+            else:
+                sub_out = q.new_empty(q[: len(wave.inside_rows)].shape)
+                super().forward(layer, q.index_select(0, wave.inside_rows), None, None, kv_cache, wave.inside,
+                                sub_out)
+                out.index_copy_(0, wave.inside_rows, sub_out.to(out.dtype))
+        if wave.beyond:
+            b = wave.batch
+            lambda_attention_absolute(q, kv_cache, b.block_table, b.query_start_loc, b.seq_lens,
+                                      pattern=self.pattern, style=self.style, inv_freq=wave.inv_freq,
+                                      scale=self.scale, out=out, plan=wave.plan, sequences=wave.beyond)
 
 
 class AbsoluteBackend(LambdaBackend, CPUAttentionBackend):
     """vLLM's CPU backend (cache layout, kv-cache update) with the Λ kernel past the window."""
 
     NAME, IMPL, BUILDER = NAME, AbsoluteImpl, AbsoluteMetadataBuilder
+
+
+class AbsoluteClexBackend(AbsoluteBackend):
+    """The same with CLEX: q and k arrive unrotated (their t depends on the step), so the
+    impl rotates them and stores the keys itself."""
+
+    NAME = CLEX_NAME
+    forward_includes_kv_cache_update = True
