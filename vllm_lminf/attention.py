@@ -31,7 +31,7 @@ class LMInfAttention(Attention):
     KV policy (bounded for Λ layers that free their middle blocks)."""
 
     def __init__(self, stock: Attention, *, backend, lminf: LMInfiniteConfig | None,
-                 clex_scale: tuple[int, int] | None, **impl_kwargs):
+                 clex_scale: tuple[int, int, bool] | None, **impl_kwargs):
         super().__init__(
             stock.num_heads,
             stock.head_size,
@@ -79,7 +79,7 @@ def install(model: nn.Module, vllm_config: VllmConfig, *, lminf: LMInfiniteConfi
         policy = dict(lminf=lminf, clex_scale=None)
         if clex is not None:
             clex.check_rotary_dim(rope.rotary_dim)
-            policy["clex_scale"] = (clex.original_len, clex.cfg.max_factor)
+            policy["clex_scale"] = (clex.original_len, clex.cfg.max_factor, clex.cfg.log_scale)
         # The stock layer registered itself under this prefix; ours takes its place.
         vllm_compat.unregister_layer(vllm_config, stock.layer_name)
         if absolute.supported(stock.head_size) and (clex is None or not prefix_caching):

@@ -12,7 +12,8 @@ blocks, whatever its length; start-up sizing and admission use that bound.
 
 Under CLEX a block's KV depends on the scale t it was computed at (lower layers
 attended with that t); every row of a request up to its prompt length P runs at t(P),
-so prefix-cache hits are keyed by t(P) (`ClexAttentionSpec`, or `clex_scale` on the Λ spec).
+so prefix-cache hits are keyed by t(P), and by P itself when log_scale scales those rows'
+queries by ln(P)/ln(L) (`ClexAttentionSpec`, or `clex_scale` on the Λ spec).
 """
 
 from __future__ import annotations
@@ -27,18 +28,24 @@ from .clex import clex_scale_index
 from .vllm_compat import ensure_builtin_kv_specs, free_blocks_in_range, key_prefix_cache, set_admission_cap
 
 
-def _key_hits_by_clex_t(clex_scale: tuple[int, int] | None) -> None:
-    if clex_scale is not None:
-        original_len, max_factor = clex_scale
+def _key_hits_by_clex_scale(clex_scale: tuple[int, int, bool] | None) -> None:
+    """Rows up to P run at t(P), and with log_scale their queries are scaled by ln(P)/ln(L):
+    a hit is exact between requests of one t(P) (with log_scale: of one P)."""
+    if clex_scale is None:
+        return
+    original_len, max_factor, log_scale = clex_scale
+    if log_scale:
+        key_prefix_cache(lambda request: ("clex_prompt_len", request.num_prompt_tokens))
+    else:
         key_prefix_cache(lambda request: ("clex_t", clex_scale_index(request.num_prompt_tokens, original_len,
                                                                      max_factor)))
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClexAttentionSpec(FullAttentionSpec):
-    """Full attention under CLEX: prefix-cache hits keyed by t(P)."""
+    """Full attention under CLEX: prefix-cache hits keyed by t(P) (by P with log_scale)."""
 
-    clex_scale: tuple[int, int]  # (trained length L, max_factor)
+    clex_scale: tuple[int, int, bool]  # (trained length L, max_factor, log_scale)
 
     @classmethod
     def merge(cls, specs: list[ClexAttentionSpec]) -> ClexAttentionSpec:
@@ -52,7 +59,7 @@ class ClexAttentionSpec(FullAttentionSpec):
 class ClexAttentionManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: ClexAttentionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        _key_hits_by_clex_t(kv_cache_spec.clex_scale)
+        _key_hits_by_clex_scale(kv_cache_spec.clex_scale)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +69,7 @@ class LambdaAttentionSpec(FullAttentionSpec):
     # tokens scheduled but not yet settled (vLLM's max_in_flight_tokens)
     in_flight_tokens: int
     max_model_len: int
-    clex_scale: tuple[int, int] | None = None  # (L, max_factor) under CLEX
+    clex_scale: tuple[int, int, bool] | None = None  # (L, max_factor, log_scale) under CLEX
 
     def max_blocks_per_request(self) -> int:
         bound = (
@@ -109,7 +116,7 @@ class LambdaAttentionManager(FullAttentionManager):
         usable = self.block_pool.num_gpu_blocks - 1  # block 0 is the null block
         if need > usable:
             raise ValueError(too_small_message(kv_cache_spec, usable))
-        _key_hits_by_clex_t(kv_cache_spec.clex_scale)
+        _key_hits_by_clex_scale(kv_cache_spec.clex_scale)
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
@@ -117,7 +124,7 @@ class LambdaAttentionManager(FullAttentionManager):
         free_blocks_in_range(self, request_id, self.first_gap_block, first_needed // self.block_size)
 
 
-def kv_cache_spec(stock: FullAttentionSpec, lminf, clex_scale: tuple[int, int] | None, vllm_config):
+def kv_cache_spec(stock: FullAttentionSpec, lminf, clex_scale: tuple[int, int, bool] | None, vllm_config):
     """The KV spec of a plugin layer: bounded for Λ layers that free their middle blocks,
     keyed by t under CLEX, else vLLM's own (`stock`)."""
     base = {f.name: getattr(stock, f.name) for f in fields(FullAttentionSpec)}

@@ -1,5 +1,10 @@
 """CLEX end to end on a small random CLEX checkpoint: vLLM with the plugin against an
-independent float64 forward whose frequencies come straight from torchdiffeq."""
+independent float64 forward whose frequencies come straight from torchdiffeq (ODE time
+embedding at base 10000, as upstream).
+
+Both paths run: prefix caching off takes the CPU fast path (keys rotated at absolute
+positions, re-rotated when t steps up), prefix caching on the raw-key path. The rule for
+t is per query row: t(max(P, j + 1)), P the original prompt length."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import random
 import pytest
 import torch
 
+from helpers import probe
 from helpers.engine import run_engine
 from helpers.reference import Reference, token_logprobs
 from helpers.tiny_checkpoint import make_tiny_llama
@@ -19,10 +25,15 @@ L, MAX_FACTOR, HEAD, BASE = 128, 4, 32, 10000.0
 CLEX_SCALING = {"type": "clex", "max_factor": MAX_FACTOR, "param_factor": 1, "act": "tanh", "time_dt": 0.01}
 
 
-def clex_tensors(seed: int) -> dict[str, torch.Tensor]:
+# prefix caching decides the path (see vllm_lminf/attention.py)
+PATHS = {"fast": dict(enable_prefix_caching=False), "raw": dict(enable_prefix_caching=True)}
+BACKENDS = {"fast": "AbsoluteClexBackend", "raw": "RawBackend"}
+
+
+def clex_tensors(seed: int, rope_theta: float = BASE) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     half = HEAD // 2
-    inv_freq = 1.0 / BASE ** (torch.arange(0, HEAD, 2, dtype=torch.float32) / HEAD)
+    inv_freq = 1.0 / rope_theta ** (torch.arange(0, HEAD, 2, dtype=torch.float32) / HEAD)
     return {
         "model.clex_layer.inv_freq": inv_freq,
         "model.clex_layer.proj_func.ode_up_proj": torch.randn(half, HEAD, generator=g) * 0.02,
@@ -54,16 +65,23 @@ def t_of(S: int) -> int:
     return min(max(1, math.ceil(S / L)), MAX_FACTOR)
 
 
+def build_clex_model(directory, seed: int, rope_theta: float = BASE, log_scale: bool = True):
+    tensors = clex_tensors(seed=seed, rope_theta=rope_theta)
+    path = make_tiny_llama(
+        directory, max_position_embeddings=L, head_dim=HEAD, seed=5, rope_theta=rope_theta,
+        extra_config={"rope_scaling": CLEX_SCALING, "log_scale": log_scale}, extra_tensors=tensors,
+    )
+    return path, torchdiffeq_frequencies(tensors), Reference(path)
+
+
 @pytest.fixture(scope="module")
 def clex_model(tmp_path_factory, module_seed):
-    tensors = clex_tensors(seed=module_seed)
-    path = make_tiny_llama(
-        tmp_path_factory.mktemp("clex"), max_position_embeddings=L, head_dim=HEAD, seed=5,
-        extra_config={"rope_scaling": CLEX_SCALING, "log_scale": True}, extra_tensors=tensors,
-    )
-    freqs = torchdiffeq_frequencies(tensors)
-    ref = Reference(path)
-    return path, freqs, ref
+    return build_clex_model(tmp_path_factory.mktemp("clex"), module_seed)
+
+
+@pytest.fixture(params=sorted(PATHS))
+def path_kind(request) -> str:
+    return request.param
 
 
 def ref_kwargs(freqs, lm_infinite=None):
@@ -94,14 +112,18 @@ def test_frequencies_really_change_with_t(clex_model):
         assert (freqs[a + 1] / freqs[a] - 1).abs().max() > 1e-2
 
 
-def test_prompts_in_different_t_in_one_batch_match_reference(clex_model, seed):
+def test_prompts_in_different_t_in_one_batch_match_reference(clex_model, path_kind, seed):
     """Four prompts landing in t = 1, 2, 3, 4, scheduled together in one step (no
-    chunking): each matches the float64 CLEX forward of that sequence alone."""
+    chunking): each matches the float64 CLEX forward of that sequence alone; the path
+    taken is the one prefix caching selects."""
     path, freqs, ref = clex_model
     rng = random.Random(seed)
     prompts = [rand_ids(n, rng) for n in (100, 200, 300, 500)]
-    outs = run_engine(path, prompts, engine=dict(max_model_len=L * MAX_FACTOR, max_num_batched_tokens=2048),
-                      sampling=dict(max_tokens=1, prompt_logprobs=0))
+    out = run_engine(path, prompts, engine=dict(max_model_len=L * MAX_FACTOR, max_num_batched_tokens=2048,
+                                                **PATHS[path_kind]),
+                     sampling=dict(max_tokens=1, prompt_logprobs=0), probe=probe.plugin_layers)
+    assert out["extra"]["backends"] == [BACKENDS[path_kind]]
+    outs = out["results"]
     assert sorted({t_of(len(p)) for p in prompts}) == [1, 2, 3, 4]
     for p, o in zip(prompts, outs):
         got = torch.tensor(o["prompt_logprobs"][1:], dtype=torch.float64)
@@ -109,14 +131,14 @@ def test_prompts_in_different_t_in_one_batch_match_reference(clex_model, seed):
         assert (got - want).abs().max().item() < 2e-4, (len(p), (got - want).abs().max())
 
 
-def test_generation_across_a_t_boundary_rerotates_everything(clex_model, seed):
+def test_generation_across_a_t_boundary_rerotates_everything(clex_model, path_kind, seed):
     """A 120-token prompt generating 30 tokens crosses S = 128 (t 1 -> 2); each token's
     logprob equals the reference that re-rotates every key at that step's t."""
     path, freqs, ref = clex_model
     rng = random.Random(seed)
     prompt = rand_ids(120, rng)
     other = rand_ids(300, rng)  # decoded alongside, at t = 3
-    outs = run_engine(path, [prompt, other], engine=dict(max_model_len=L * MAX_FACTOR),
+    outs = run_engine(path, [prompt, other], engine=dict(max_model_len=L * MAX_FACTOR, **PATHS[path_kind]),
                       sampling=dict(max_tokens=30, logprobs=0))
     for p, o in zip([prompt, other], outs):
         seq = p + o["tokens"]
@@ -129,6 +151,84 @@ def test_beyond_the_cap_is_refused_without_lm_infinite(clex_model):
     path, _, _ = clex_model
     with pytest.raises(RuntimeError, match="max_model_len"):
         run_engine(path, [[5, 6]], engine=dict(max_model_len=L * MAX_FACTOR + 1))
+
+
+def test_chunked_prefill_uses_the_prompts_t_for_every_chunk(clex_model, path_kind, seed):
+    """A 500-token prompt (t = 4) in 64-token chunks and in one chunk, next to a 120-token
+    one (t = 1) decoding across S = 128: every chunk's rows run at t(P) (the reference's
+    one-pass prompt), so both chunkings equal the float64 forward."""
+    path, freqs, ref = clex_model
+    rng = random.Random(seed)
+    prompts = [rand_ids(500, rng), rand_ids(120, rng)]
+    for chunk in (64, 2048):
+        outs = run_engine(path, prompts, engine=dict(max_model_len=L * MAX_FACTOR, max_num_batched_tokens=chunk,
+                                                     **PATHS[path_kind]),
+                          sampling=dict(max_tokens=12, prompt_logprobs=0, logprobs=0))
+        for p, o in zip(prompts, outs):
+            got = torch.tensor(o["prompt_logprobs"][1:], dtype=torch.float64)
+            assert (got - ref_prompt_logprobs(ref, p, freqs)).abs().max().item() < 2e-4, (chunk, len(p))
+            got_gen = torch.tensor(o["logprobs"], dtype=torch.float64)
+            want_gen = ref_generated_logprobs(ref, p + o["tokens"], len(p), freqs)
+            assert (got_gen - want_gen).abs().max().item() < 2e-4, (chunk, len(p))
+
+
+def test_preemption_recomputes_at_each_rows_t(clex_model, path_kind, seed):
+    """A pool too small for three sequences forces preemption; a sequence recomputed after
+    crossing S = 128 replays prompt rows at t(P) and generated rows at t(j + 1) (a chunk
+    spanning two t), and every logprob still equals the reference."""
+    path, freqs, ref = clex_model
+    rng = random.Random(seed)
+    prompts = [rand_ids(n, rng) for n in (60, 50, 55)]  # all admitted, then decoding outgrows the pool
+    out = run_engine(path, [], engine=dict(max_model_len=200, num_gpu_blocks_override=8, block_size=32,
+                                           max_num_batched_tokens=256, **PATHS[path_kind]),
+                     probe=probe.tracked, probe_args=dict(prompts=prompts, max_tokens=85))["extra"]
+    assert sum(out["preemptions"].values()) > 0, out["preemptions"]
+    for p, o in zip(prompts, out["results"]):
+        seq = p + o["tokens"]
+        got = torch.tensor(o["logprobs"], dtype=torch.float64)
+        assert (got - ref_generated_logprobs(ref, seq, len(p), freqs)).abs().max().item() < 2e-4
+
+
+@pytest.mark.parametrize("rope_theta", [500000.0])
+def test_rope_theta_is_the_initial_value_not_the_ode_base(tmp_path, rope_theta, seed):
+    """A checkpoint with rope_theta 5e5 (inv_freq built with it): served frequencies are
+    the upstream ODE's (time embedding at base 10000) end to end."""
+    path, freqs, ref = build_clex_model(tmp_path / "m", seed, rope_theta=rope_theta)
+    rng = random.Random(seed)
+    prompts = [rand_ids(n, rng) for n in (200, 450)]
+    outs = run_engine(path, prompts, engine=dict(max_model_len=L * MAX_FACTOR, **PATHS["fast"]),
+                      sampling=dict(max_tokens=4, prompt_logprobs=0))
+    for p, o in zip(prompts, outs):
+        got = torch.tensor(o["prompt_logprobs"][1:], dtype=torch.float64)
+        assert (got - ref_prompt_logprobs(ref, p, freqs)).abs().max().item() < 2e-4
+
+
+@pytest.mark.parametrize("log_scale", [False, True])
+def test_prefix_cache_hits_only_where_exact(tmp_path, log_scale, seed):
+    """Prefix caching on (raw path). A block's KV depends on the t its rows ran at, t(P),
+    and with log_scale on ln(P) too. Without log_scale a prompt extending a cached one hits
+    its blocks when both give the same t and misses at another t; with log_scale only the
+    same prompt length hits. Every answer is exact. (No prompt logprobs: vLLM skips the
+    prefix cache for requests that ask for them, so exactness is checked on the generated
+    tokens, whose rows read the cached blocks.)"""
+    path, freqs, ref = build_clex_model(tmp_path / "m", seed, log_scale=log_scale)
+    rng = random.Random(seed)
+    base = rand_ids(300, rng)  # t = 3
+    again = list(base)
+    same_t = base + rand_ids(40, rng)  # 340: t = 3
+    other_t = base + rand_ids(120, rng)  # 420: t = 4
+    prompts = [base, again, same_t, other_t]
+    out = run_engine(path, [], engine=dict(max_model_len=L * MAX_FACTOR, block_size=32, **PATHS["raw"]),
+                     probe=probe.sequential, probe_args=dict(prompts=prompts, max_tokens=3))["extra"]
+    full_blocks = 300 // 32 * 32
+    assert out["cached_tokens"][1] >= full_blocks, out["cached_tokens"]
+    assert out["cached_tokens"][2] == (0 if log_scale else full_blocks), out["cached_tokens"]
+    assert out["cached_tokens"][3] == 0, out["cached_tokens"]
+    kwargs = {} if log_scale else dict(query_scale_for_len=lambda S: 1.0)
+    for p, o in zip(prompts, out["results"]):
+        got = torch.tensor(o["logprobs"], dtype=torch.float64)
+        want = ref.incremental_logprobs(p, o["tokens"], **{**ref_kwargs(freqs), **kwargs})
+        assert (got - want).abs().max().item() < 2e-4, len(p)
 
 
 def test_clex_with_lm_infinite_past_the_cap(clex_model, seed):

@@ -130,8 +130,28 @@ def tracked(llm, results, *, prompts, abort=None, **kw):
 
 
 def plugin_layers(llm, results):
-    """The model class vLLM built and how many attention layers the plugin swapped in."""
+    """The model class vLLM built, how many attention layers the plugin swapped in, and
+    the backends they run on."""
     from vllm_lminf.attention import LMInfAttention
 
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-    return {"class": type(model).__name__, "swapped": sum(isinstance(m, LMInfAttention) for m in model.modules())}
+    layers = [m for m in model.modules() if isinstance(m, LMInfAttention)]
+    return {"class": type(model).__name__, "swapped": len(layers),
+            "backends": sorted({layer.attn_backend.__name__ for layer in layers})}
+
+
+def sequential(llm, results, *, prompts, max_tokens):
+    """Each prompt alone, one after the other (so later ones may hit the prefix cache):
+    greedy outputs with their logprobs, and each request's cached-token count. No prompt
+    logprobs: vLLM skips the prefix cache for requests that ask for them."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0)
+    outs, cached = [], []
+    for ids in prompts:
+        o = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        comp = o.outputs[0]
+        outs.append({"tokens": list(comp.token_ids),
+                     "logprobs": [s[t].logprob for s, t in zip(comp.logprobs, comp.token_ids)]})
+        cached.append(o.num_cached_tokens or 0)
+    return {"results": outs, "cached_tokens": cached}
