@@ -74,15 +74,24 @@ def measure(llm, results, *, cfg: dict) -> list[dict]:
     return rows
 
 
-CONFIG_NAMES = ("stock", "lminf", "stock_swa")
+CONFIG_NAMES = ("stock", "lminf", "stock_swa", "clex", "yarn")
 
 
-def configs(window: int, n_global: int):
+def configs(window: int, n_global: int, trained: int, factor: int, rope_theta: float):
+    """clex: the plugin on a CLEX variant of the model (`--clex-factor`); yarn: stock vLLM's
+    YaRN at the same factor, what a user would pick instead."""
     lminf = {"n_global": n_global, "n_local": window, "distance_limit": window}
+    yarn = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": trained,
+            "rope_theta": rope_theta}
     return {
         "stock": dict(plugin=False, overrides={}),
         "lminf": dict(plugin=True, overrides={"lm_infinite": lminf}),
         "stock_swa": dict(plugin=False, overrides={"sliding_window": window}),
+        "clex": dict(plugin=True, overrides={}, clex=True),
+        # YaRN configs carry the scaled length in max_position_embeddings (as vLLM and
+        # transformers read them), the trained one in original_max_position_embeddings
+        "yarn": dict(plugin=False, overrides={"rope_parameters": yarn, "max_position_embeddings": trained * factor},
+                     scaled=True),
     }
 
 
@@ -105,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
     ap.add_argument("--out", type=Path, default=Path("runs/throughput"))
     ap.add_argument("--rounds", type=int, default=1, help="fresh engines per config, order alternating; medians")
+    ap.add_argument("--clex-factor", type=int, default=4, help="max_factor of the clex config, factor of yarn")
     a = ap.parse_args(argv)
     if a.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {a.rounds}")
@@ -125,6 +135,7 @@ def main(argv=None) -> int:
         model = a.model_dir
     cfg_json = json.loads((Path(model) / "config.json").read_text())
     trained = cfg_json["max_position_embeddings"]
+    rope_theta = cfg_json.get("rope_theta") or (cfg_json.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     window = a.window or trained
     lengths = [int(x) for x in a.lengths.split(",")]
     batches = [int(x) for x in a.batches.split(",")]
@@ -139,10 +150,15 @@ def main(argv=None) -> int:
     order = [(r, name) for r in range(a.rounds) for name in (wanted if r % 2 == 0 else wanted[::-1])]
     per_round: dict[str, list[list[dict]]] = {name: [] for name in wanted}
     for rnd, name in tqdm(order, desc="configs x rounds"):
-        c = configs(window, a.n_global)[name]
+        c = configs(window, a.n_global, trained, a.clex_factor, rope_theta)[name]
         overrides = dict(c["overrides"])
-        if not c["plugin"] and max_len > trained:
+        if not c["plugin"] and not c.get("scaled") and max_len > trained:
             overrides["max_position_embeddings"] = max_len  # let stock accept the long prompts
+        engine_model = model
+        if c.get("clex"):
+            from helpers.tiny_checkpoint import with_clex
+
+            engine_model = with_clex(model, Path(str(model) + f"-clex{a.clex_factor}"), max_factor=a.clex_factor)
         spec = {"lengths": [n for n in lengths if name != "stock" or n <= a.stock_max_len],
                 "batches": batches, "decode_tokens": a.decode_tokens,
                 "num_layers": cfg_json["num_hidden_layers"],
@@ -151,7 +167,7 @@ def main(argv=None) -> int:
                       max_num_seqs=max(batches), enable_prefix_caching=False, hf_overrides=overrides,
                       skip_tokenizer_init=True, enforce_eager=a.quick)  # compiled for real runs
         t = time.time()
-        out = run_engine(model, [], engine=engine, plugin=c["plugin"], env=env,
+        out = run_engine(engine_model, [], engine=engine, plugin=c["plugin"], env=env,
                          probe=measure, probe_args={"cfg": spec}, timeout=6 * 3600)
         per_round[name].append(out["extra"])
         results["runs"][name] = combine_rounds(per_round[name])

@@ -25,7 +25,13 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from .clex import clex_scale_index
-from .vllm_compat import ensure_builtin_kv_specs, free_blocks_in_range, key_prefix_cache, set_admission_cap
+from .vllm_compat import (
+    ensure_builtin_kv_specs,
+    free_blocks_in_range,
+    key_prefix_cache,
+    reword_kv_memory_error,
+    set_admission_cap,
+)
 
 
 def _key_hits_by_clex_scale(clex_scale: tuple[int, int, bool] | None) -> None:
@@ -139,9 +145,15 @@ def kv_cache_spec(stock: FullAttentionSpec, lminf, clex_scale: tuple[int, int, b
     return stock
 
 
+def _pool_too_small(groups, usable_blocks: int) -> str | None:
+    ours = [g.kv_cache_spec for g in groups if isinstance(g.kv_cache_spec, LambdaAttentionSpec)]
+    return too_small_message(ours[0], usable_blocks) if ours else None
+
+
 def register_kv_policy() -> None:
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     ensure_builtin_kv_specs()
     for spec, manager in ((LambdaAttentionSpec, LambdaAttentionManager), (ClexAttentionSpec, ClexAttentionManager)):
         KVCacheSpecRegistry.register(spec, manager, uniform_type_base_spec=FullAttentionSpec)
+    reword_kv_memory_error(_pool_too_small)

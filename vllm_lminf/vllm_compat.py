@@ -82,6 +82,37 @@ def ensure_builtin_kv_specs() -> None:
     KVCacheSpecRegistry._ensure_registered()
 
 
+def reword_kv_memory_error(message_for: Callable) -> None:
+    """Why: vLLM's start-up check (which runs before any KV manager exists) explains a
+    too-small pool in terms of max_model_len and an "estimated maximum model length"; for
+    a Λ layer the bound is blocks per sequence, whatever the length. Same check; when it
+    fails, `message_for(groups, usable_blocks)` may give the plugin's own explanation
+    (None keeps vLLM's)."""
+    import vllm.v1.core.kv_cache_utils as kcu
+
+    original = kcu._check_enough_kv_cache_memory
+    if getattr(original, "_lminf_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def wrapped(available_memory, get_needed_memory, *args, **kwargs):
+        try:
+            return original(available_memory, get_needed_memory, *args, **kwargs)
+        except ValueError as err:
+            call_args = getattr(get_needed_memory, "args", ())  # functools.partial(fn, vllm_config, groups)
+            if len(call_args) != 2:
+                raise
+            vllm_config, groups = call_args
+            usable = max(0, available_memory) // kcu._pool_bytes_per_block(vllm_config, groups)
+            message = message_for(groups, usable)
+            if message is None:
+                raise
+            raise ValueError(message) from err
+
+    wrapped._lminf_wrapped = True
+    kcu._check_enough_kv_cache_memory = wrapped
+
+
 # -- model construction --------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from helpers.engine import run_engine
-from helpers.families import ARCHITECTURE, FAMILIES, ROPE_THETA, hf_logprobs, make_family_checkpoint
+from helpers.families import ARCHITECTURE, FAMILIES, hf_logprobs, make_family_checkpoint
 from helpers.probe import plugin_layers
 from helpers.reference import Reference, token_logprobs
 
@@ -110,8 +110,12 @@ def test_lm_infinite_matches_float64_reference(family, checkpoints, seed):
             assert (got - causal).abs().max().item() > 0.05
 
 
-def torchdiffeq_frequencies(path, rotary_dim: int, base: float) -> torch.Tensor:
-    """[MAX_FACTOR, rotary_dim/2] float64 CLEX frequencies at t = 1..MAX_FACTOR."""
+def torchdiffeq_frequencies(path, rotary_dim: int) -> torch.Tensor:
+    """[MAX_FACTOR, rotary_dim/2] float64 CLEX frequencies at t = 1..MAX_FACTOR: the state
+    starts at the checkpoint's inv_freq (built with the model's rope_theta); the NTK time
+    embedding inside the ODE uses base 10000 whatever rope_theta is, as upstream CLEX does
+    (its ODELinear calls get_time_embedding without a base)."""
+    base = 10000.0
     from safetensors.torch import load_file
     from torchdiffeq import odeint
 
@@ -138,7 +142,7 @@ def test_clex_matches_float64_reference(family, checkpoints, seed):
     CLEX forward (frequencies from torchdiffeq, log-scaled queries)."""
     path = checkpoints(family, "clex")
     ref = Reference(path)
-    freqs = torchdiffeq_frequencies(path, ref.rotary_dim, ROPE_THETA[family])
+    freqs = torchdiffeq_frequencies(path, ref.rotary_dim)
     rng = random.Random(seed)
     prompts = [rand_ids(n, rng) for n in (50, 100, 170, 250)]
     t_of = lambda S: min(max(1, math.ceil(S / L)), MAX_FACTOR)

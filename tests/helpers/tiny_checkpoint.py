@@ -252,3 +252,36 @@ def make_tiny_llama(
     gen_cfg = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
     return out
+
+
+def with_clex(model_dir: str | Path, out_dir: str | Path, *, max_factor: int, seed: int = 0,
+              act: str = "tanh", log_scale: bool = False) -> Path:
+    """A CLEX variant of a saved Llama-family checkpoint (for benchmarks on a real model):
+    the same weights (linked), `rope_scaling: clex` in its config, and random small ODE
+    weights in `clex.safetensors` (inv_freq from the model's rope_theta, as the tests make
+    them). Reused when it already exists with the same settings."""
+    from safetensors.torch import save_file
+
+    model_dir, out = Path(model_dir).resolve(), Path(out_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    scaling = {"type": "clex", "max_factor": max_factor, "param_factor": 1, "act": act, "time_dt": 0.01}
+    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    config.update(rope_scaling=scaling, log_scale=log_scale, rope_theta=theta)
+    config.pop("rope_parameters", None)
+    done = out / "config.json"
+    if done.exists() and json.loads(done.read_text()) == config and (out / "clex.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f)
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    g = torch.Generator().manual_seed(seed)
+    half = head // 2
+    save_file({
+        "model.clex_layer.inv_freq": 1.0 / theta ** (torch.arange(0, head, 2, dtype=torch.float32) / head),
+        "model.clex_layer.proj_func.ode_up_proj": torch.randn(half, head, generator=g) * 0.02,
+        "model.clex_layer.proj_func.ode_down_proj": torch.randn(head, half, generator=g) * 0.02,
+    }, str(out / "clex.safetensors"))
+    done.write_text(json.dumps(config, indent=2))
+    return out

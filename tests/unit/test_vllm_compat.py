@@ -145,3 +145,36 @@ def test_impl_arguments_arrive_in_the_order_refuse_unsupported_takes():
 
     vllm_order = params(CPUAttentionBackendImpl.__init__)[5:11]
     assert vllm_order == params(refuse_unsupported)[:6], vllm_order
+
+
+def test_kv_memory_check_and_its_needed_memory_callable():
+    """The check the plugin rewords: its signature, and that vLLM hands it a
+    functools.partial(fn, vllm_config, groups) (the wrapper reads those two)."""
+    import vllm.v1.core.kv_cache_utils as kcu
+
+    check = kcu._check_enough_kv_cache_memory
+    check = getattr(check, "__wrapped__", check)
+    assert params(check)[:2] == ["available_memory", "get_needed_memory"]
+    assert "partial(" in inspect.getsource(kcu.get_kv_cache_configs)
+    assert params(kcu._pool_bytes_per_block) == ["vllm_config", "kv_cache_groups"]
+
+
+def test_block_hash_extra_keys_hook():
+    """CLEX keys prefix-cache hits through vLLM's extra-keys function, which the block
+    hasher looks up by module global name at call time."""
+    import vllm.v1.core.kv_cache_utils as kcu
+
+    fn = getattr(kcu.generate_block_hash_extra_keys, "__wrapped__", kcu.generate_block_hash_extra_keys)
+    assert params(fn) == ["request", "start_token_idx", "end_token_idx", "start_mm_idx"]
+    assert "generate_block_hash_extra_keys(" in inspect.getsource(kcu.get_request_block_hasher)
+
+
+def test_runner_metadata_build_and_prompt_lengths():
+    """CLEX reads each request row's original prompt length from the runner's input batch
+    right before the attention metadata is built."""
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert callable(GPUModelRunner._build_attention_metadata)
+    assert "num_prompt_tokens_cpu_tensor" in inspect.getsource(InputBatch.__init__)
+    assert "self.input_batch" in inspect.getsource(GPUModelRunner._build_attention_metadata)
