@@ -90,11 +90,12 @@ class Wave:
     inside_rows: torch.Tensor | None  # their rows within the wave, None: every row of the wave
     beyond: list[int]  # the other sequences: our kernel
     plan: QueryPlan | None  # our kernel's inputs for them
-    # CLEX only (q and k arrive unrotated): per-row rotation and query scale, the wave's
-    # cache slots, and (block-table row, lo, hi, delta frequencies) of cached keys to
-    # re-rotate before the wave because their sequence's t stepped up.
-    row_cos: torch.Tensor | None = None
-    row_sin: torch.Tensor | None = None
+    # CLEX only (q and k arrive unrotated): per-row rotation (vLLM's rotary op over a
+    # cos|sin table with one row per wave row, angles taken in float64) and query scale,
+    # the wave's cache slots, and (block-table row, lo, hi, delta frequencies) of cached
+    # keys to re-rotate before the wave because their sequence's t stepped up.
+    cos_sin: torch.Tensor | None = None
+    table_rows: torch.Tensor | None = None  # 0..rows-1: row i of cos_sin rotates wave row i
     row_scale: torch.Tensor | None = None
     slots: torch.Tensor | None = None
     rerotate: list[tuple[torch.Tensor, int, int, torch.Tensor]] = field(default_factory=list)
@@ -183,17 +184,22 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
                             seq_lens_dev=torch.tensor(wave_lens, dtype=torch.int32))
             lengths_t = torch.tensor(lengths, dtype=torch.int64)
             freqs = table[clex_scale_index_tensor(lengths_t, clex.original_len, clex.cfg.max_factor) - 1]
-            every_row = w == 0 and len(runs) == len(owners) and len(row_index) == qsl[-1] \
-                and all(len(r) == 1 for r in runs)
-            wave = self._wave(_pseudo(m, sub, m.slot_mapping[row_index]), sub, None if every_row else row_index,
-                              freqs)
+            # one run per sequence: the wave is the step itself, as vLLM described it
+            every_row = w == 0 and all(len(r) == 1 for r in runs)
+            if every_row:
+                wave = self._wave(m, batch, None, freqs)
+            else:
+                wave = self._wave(_pseudo(m, sub, m.slot_mapping[row_index]), sub, row_index, freqs)
             # rotation of each row at its absolute position with its run's frequencies
             counts = torch.tensor([b - a for a, b in zip(wave_qsl, wave_qsl[1:])])
             positions = torch.cat([torch.arange(n - c, n) for n, c in zip(wave_lens, counts.tolist())])
-            wave.row_cos, wave.row_sin = absolute_cos_sin(positions, freqs.repeat_interleave(counts, 0))
+            cos, sin = absolute_cos_sin(positions, freqs.repeat_interleave(counts, 0))
+            wave.cos_sin = torch.cat((cos, sin), dim=-1).to(self.dtype)
             if clex.cfg.log_scale:
-                wave.row_scale = clex_log_scale_tensor(lengths_t, clex.original_len).repeat_interleave(counts)[:, None, None]
+                scale = clex_log_scale_tensor(lengths_t, clex.original_len).repeat_interleave(counts)
+                wave.row_scale = scale[:, None, None].to(self.dtype)
             wave.slots = m.slot_mapping[row_index]
+            wave.table_rows = torch.arange(len(row_index))
             wave.rerotate = rerotate
             waves.append(wave)
         return waves
@@ -258,17 +264,20 @@ class AbsoluteImpl(CPUAttentionBackendImpl):
         return output
 
     def _rotate_and_store(self, layer, wave: Wave, q, key, value, kv_cache) -> torch.Tensor:
-        """CLEX: bring held keys to the wave's t, rotate its q and k rows, store its K/V."""
+        """CLEX: bring held keys to the wave's t, rotate its q and k rows (in place, as
+        vLLM's own rotary does), store its K/V."""
+        from vllm import _custom_ops as ops
+
         for block_row, lo, hi, delta in wave.rerotate:
             rerotate_keys(kv_cache, block_row, lo, hi, delta, self.style)
         if wave.rows is not None:
             key, value = key.index_select(0, wave.rows), value.index_select(0, wave.rows)
-        cos, sin = wave.row_cos[:, None], wave.row_sin[:, None]
-        k = rotate(key, cos, sin, self.style).to(key.dtype)
-        super().do_kv_cache_update(layer, k, value, kv_cache, wave.slots)
         if wave.row_scale is not None:
-            q = q.float() * wave.row_scale
-        return rotate(q, cos, sin, self.style).to(key.dtype)
+            q = q * wave.row_scale
+        q2, k2 = q.flatten(1), key.flatten(1)  # the op takes [tokens, heads * head_size], rotates in place
+        ops.rotary_embedding(wave.table_rows, q2, k2, self.head_size, wave.cos_sin, self.style.neox)
+        super().do_kv_cache_update(layer, k2.view_as(key), value, kv_cache, wave.slots)
+        return q2.view_as(q)
 
     def _attend(self, layer, wave: Wave, q, kv_cache, out) -> None:
         if wave.inside is not None:
