@@ -35,7 +35,7 @@ from lminf_kernels.rope import RopeStyle, absolute_cos_sin, rotate
 
 from .. import vllm_compat
 from ..clex import clex_log_scale_tensor, clex_scale_index_tensor
-from .common import LambdaBackend, StepBatch, refuse_output_quant, refuse_unsupported
+from .common import LambdaBackend, StepBatch, no_work, refuse_unsupported
 
 from . import ABSOLUTE as NAME
 from . import ABSOLUTE_CLEX as CLEX_NAME
@@ -248,8 +248,7 @@ class AbsoluteImpl(CPUAttentionBackendImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: AbsoluteMetadata | None, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
-        refuse_output_quant(output_scale, output_block_scale)
-        if attn_metadata is None:  # profiling / compile warm-up: no cache, no work
+        if no_work(attn_metadata, output_scale, output_block_scale):
             return output
         n = attn_metadata.num_actual_tokens
         query, output = query[:n], output[:n]

@@ -51,9 +51,12 @@ def refuse_unsupported(alibi_slopes=None, sliding_window=None, kv_cache_dtype="a
         raise ValueError(f"vllm-lminf attention does not support: {', '.join(bad)}")
 
 
-def refuse_output_quant(output_scale, output_block_scale) -> None:
+def no_work(attn_metadata, output_scale, output_block_scale) -> bool:
+    """Refuses fused output quantization; True for vLLM's profiling / compile warm-up
+    passes, which come without metadata (no cache, nothing to compute)."""
     if output_scale is not None or output_block_scale is not None:
         raise ValueError("vllm-lminf attention does not support fused output quantization")
+    return attn_metadata is None
 
 
 def fixed_frequencies(rotary: torch.nn.Module) -> torch.Tensor:

@@ -35,7 +35,7 @@ from lminf_kernels.raw_torch import lambda_paged_attention
 from lminf_kernels.rope import RopeStyle
 
 from .. import vllm_compat
-from .common import LambdaBackend, StepBatch, refuse_output_quant, refuse_unsupported
+from .common import LambdaBackend, StepBatch, no_work, refuse_unsupported
 
 from . import RAW as NAME
 KERNEL_ENV = "LMINF_RAW_KERNEL"  # "triton" forces the Triton kernel (tests, with TRITON_INTERPRET=1 on CPU)
@@ -124,8 +124,7 @@ class RawImpl(AttentionImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: RawMetadata | None, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
-        refuse_output_quant(output_scale, output_block_scale)
-        if attn_metadata is None:  # profiling / compile warm-up: no cache, no work
+        if no_work(attn_metadata, output_scale, output_block_scale):
             return output
         b = attn_metadata.batch
         n = b.num_actual_tokens
