@@ -184,8 +184,8 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
                             seq_lens_dev=torch.tensor(wave_lens, dtype=torch.int32))
             lengths_t = torch.tensor(lengths, dtype=torch.int64)
             freqs = table[clex_scale_index_tensor(lengths_t, clex.original_len, clex.cfg.max_factor) - 1]
-            # one run per sequence: the wave is the step itself, as vLLM described it
-            every_row = w == 0 and all(len(r) == 1 for r in runs)
+            # one run per sequence and no padding rows: the wave is the step itself, as vLLM described it
+            every_row = w == 0 and all(len(r) == 1 for r in runs) and len(row_index) == batch.num_actual_tokens
             if every_row:
                 wave = self._wave(m, batch, None, freqs)
             else:
