@@ -38,8 +38,9 @@ def build_paged(seq_lens, hkv, dh, block_size, dtype=torch.float32, poison_gap: 
     return cache, table
 
 
-def poison_unread_blocks(cache, table, seq_lens, q_lens, pattern):
-    """NaN-fill blocks outside every query's global and local spans; return a copy."""
+def poison_unread_blocks(cache, table, seq_lens, q_lens, pattern, *, tails: bool = True):
+    """NaN-fill blocks outside every query's global and local spans (and, with `tails`,
+    the unwritten slots past each sequence's end); return a copy."""
     cache = cache.clone()
     bs = cache.shape[2]
     for i, (s, n) in enumerate(zip(seq_lens, q_lens)):
@@ -53,7 +54,7 @@ def poison_unread_blocks(cache, table, seq_lens, q_lens, pattern):
                 cache[table[i, blk]] = float("nan")
         # slots past the sequence's end in its last block are unwritten: poison them too
         tail = s % bs
-        if tail:
+        if tails and tail:
             cache[table[i, (s - 1) // bs], :, tail:] = float("nan")
     return cache
 

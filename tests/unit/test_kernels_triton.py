@@ -35,6 +35,7 @@ if _SKIP is None and not ON_GPU and _TOO_LATE:
 if _SKIP:
     print(_SKIP, file=sys.stderr)
 
+from helpers.kernel_cases import poison_unread_blocks
 from lminf_kernels.naive import lambda_paged_attention_naive
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
@@ -74,18 +75,7 @@ def make_batch(seq_lens, q_lens, hq, hkv, dh, block_size, dtype, gen):
 
 def poison_unread(cache, table, seq_lens, q_lens, pattern):
     """Copy of `cache` with every block that no query of this step may read set to NaN."""
-    cache = cache.clone()
-    bs = cache.shape[2]
-    for i, (s, n) in enumerate(zip(seq_lens, q_lens)):
-        if n == 0:
-            continue
-        needed_lo = pattern.local_start(s - n)
-        g_hi = min(pattern.n_global, s)
-        for blk in range(-(-s // bs)):
-            first, last = blk * bs, min(s, (blk + 1) * bs) - 1
-            if last < needed_lo and first >= g_hi:
-                cache[table[i, blk]] = float("nan")
-    return cache
+    return poison_unread_blocks(cache, table, seq_lens, q_lens, pattern, tails=False)
 
 
 def run_case(seq_lens, q_lens, pattern, bs, hq, hkv, dh, rot, neox, dtype, seed, **knobs):
