@@ -10,6 +10,14 @@ Per sequence this holds at most
     cdiv(n_global, B) + cdiv(n_local - 1 + in_flight, B) + 1
 blocks, whatever its length; start-up sizing and admission use that bound.
 
+Prefix caching: the KV of a token depends only on the tokens before it, and a query at
+position h reads only the global blocks and the window ending at h, so a cache hit of h
+tokens needs just those blocks (`lambda_cache_hit`, as vLLM's sliding-window manager does
+for its window); the middle of the hit is the null block. Middle blocks freed while a
+request runs keep their hash but are reused first, before any block a finished request
+returned whole: what a follow-up turn needs (global blocks and the history's last window)
+then outlives the churn of other long requests.
+
 Under CLEX a block's KV depends on the scale t it was computed at (lower layers
 attended with that t); every row of a request up to its prompt length P runs at t(P),
 so prefix-cache hits are keyed by t(P), and by P itself when log_scale scales those rows'
@@ -18,6 +26,7 @@ queries by ln(P)/ln(L) (`ClexAttentionSpec`, or `clex_scale` on the Λ spec).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 from vllm.utils.math_utils import cdiv
@@ -112,6 +121,47 @@ def too_small_message(spec: LambdaAttentionSpec, usable_blocks: int) -> str:
     )
 
 
+def lambda_cache_hit(cached: Callable[[int], Sequence | None], max_blocks: int, global_blocks: int,
+                     n_local: int, block_size: int) -> tuple[int, dict[int, Sequence]]:
+    """The longest prefix-cache hit under Λ attention, in blocks, and the blocks it uses.
+
+    A hit of i blocks (h = i * block_size tokens) is exact when blocks [0, min(g, i)) and
+    [max(g, (h - n_local + 1) // block_size), i) are cached (g = `global_blocks`): the
+    query at h reads keys [0, n_global) and (h - n_local, h]; later queries read only
+    keys they compute themselves or these. `cached(j)` gives block j's cached blocks (one
+    per KV group) or None. Returns (i, {j: blocks}) for the blocks the hit uses."""
+    found: dict[int, Sequence] = {}
+    head = min(global_blocks, max_blocks)
+    for j in range(head):
+        blocks = cached(j)
+        if blocks is None:
+            return j, found  # every hit needs the global blocks: the run from 0 is all there is
+        found[j] = blocks
+    if max_blocks <= global_blocks:
+        return max_blocks, found
+
+    def window_start(i: int) -> int:
+        return max(global_blocks, (i * block_size - n_local + 1) // block_size)
+
+    if window_start(max_blocks) >= max_blocks:  # n_local <= 1: the query reads no earlier key
+        return max_blocks, found
+    run: dict[int, Sequence] = {}
+    run_end = None  # exclusive end of the run of cached blocks that contains j
+    for j in range(max_blocks - 1, global_blocks - 1, -1):
+        blocks = cached(j)
+        if blocks is None:
+            run, run_end = {}, None
+            continue
+        if run_end is None:
+            run_end = j + 1
+        run[j] = blocks
+        # window_start grows with the hit length: the run's right end is the best hit it gives
+        if j == window_start(run_end):  # j counts down from run_end - 1 >= window_start
+            found.update(run)
+            return run_end, found
+    return global_blocks, found
+
+
 class LambdaAttentionManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: LambdaAttentionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -127,7 +177,28 @@ class LambdaAttentionManager(FullAttentionManager):
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         first_needed = max(0, processed_computed_tokens - self.n_local + 1)
-        free_blocks_in_range(self, request_id, self.first_gap_block, first_needed // self.block_size)
+        free_blocks_in_range(self, request_id, self.first_gap_block, first_needed // self.block_size,
+                             evict_first=True)
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec,
+                               drop_eagle_block, alignment_tokens, dcp_world_size=1, pcp_world_size=1):
+        block_size = kv_cache_spec.block_size
+        if (drop_eagle_block or alignment_tokens != block_size or block_pool.hash_block_size != block_size
+                or dcp_world_size > 1 or pcp_world_size > 1):
+            # configurations the plugin does not run with (speculative decoding, hybrid page
+            # sizes, context parallelism): the full-prefix rule is exact there too, only shorter
+            return super().find_longest_cache_hit(
+                block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec, drop_eagle_block,
+                alignment_tokens, dcp_world_size, pcp_world_size)
+        max_blocks = min(max_length // block_size, len(block_hashes))
+        num_blocks, found = lambda_cache_hit(
+            lambda j: block_pool.get_cached_block(block_hashes[j], kv_cache_group_ids),
+            max_blocks, cdiv(kv_cache_spec.n_global, block_size), kv_cache_spec.n_local, block_size)
+        null = block_pool.null_block
+        computed = tuple([found[j][g] if j in found else null for j in range(num_blocks)]
+                         for g in range(len(kv_cache_group_ids)))
+        return computed, num_blocks * block_size
 
 
 def kv_cache_spec(stock: FullAttentionSpec, lminf, clex_scale: tuple[int, int, bool] | None, vllm_config):

@@ -141,10 +141,31 @@ def force_cpu_attention_isa(builder, isa: str) -> None:
 # -- KV-cache manager ----------------------------------------------------------------------
 
 
-def free_blocks_in_range(manager, request_id: str, start_block: int, end_block: int) -> None:
+def free_blocks_in_range(manager, request_id: str, start_block: int, end_block: int, *,
+                         evict_first: bool = False) -> None:
     """Why: returning a run of a request's blocks to the pool (replaced by the null block)
-    is what vLLM's own R-SWA manager does with this helper; there is no public one."""
+    is what vLLM's own R-SWA manager does with this helper; there is no public one.
+
+    `evict_first`: the blocks this call frees keep their prefix-cache hash but go to the
+    front of the pool's free queue, so they are reused before any block that was freed
+    whole (vLLM appends cached blocks at the back, LRU). The free queue has no public
+    reordering; `remove` + `prepend_n` are the moves its own `free_blocks` makes."""
+    blocks = manager.req_to_blocks.get(request_id)
+    newly_freed = []
+    if evict_first and blocks:
+        # the same backward walk as vLLM's helper: it stops at the first null block
+        for i in range(min(end_block, len(blocks)) - 1, start_block - 1, -1):
+            if blocks[i].is_null:
+                break
+            newly_freed.append(blocks[i])
     manager._remove_blocks_in_range(request_id, start_block, end_block)
+    # a block another request still holds (ref_cnt > 0) is not in the free queue
+    cached = [b for b in newly_freed if b.ref_cnt == 0 and b.block_hash is not None]
+    if cached:
+        queue = manager.block_pool.free_block_queue
+        for block in cached:
+            queue.remove(block)
+        queue.prepend_n(cached)
 
 
 def set_admission_cap(manager, blocks: int) -> None:

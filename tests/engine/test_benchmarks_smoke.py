@@ -86,3 +86,16 @@ def test_throughput_rounds_median_and_refusals(tmp_path):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--out",
                                str(tmp_path), *extra], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and all(w in proc.stderr for w in words), proc.stderr
+
+
+def test_multiturn_quick(tmp_path):
+    run("multiturn.py", tmp_path)
+    res = json.loads((tmp_path / "multiturn.json").read_text())
+    s = res["summary"]["2048"]
+    # the plugin answers each follow-up from the cache up to its history's last full block;
+    # stock, on the same pool (fewer than 3 full histories), recomputes from the start
+    for cached, prompt in zip(s["lminf"]["follow_up_cached_tokens"], s["lminf"]["follow_up_prompt_tokens"]):
+        assert cached == (2048 + 16 - 1) // 32 * 32 and prompt == 2048 + 16 + 64
+    assert s["stock"]["follow_up_hit_rate"] < s["lminf"]["follow_up_hit_rate"]
+    assert s["lminf"]["vllm_hit_rate"] == pytest.approx(s["lminf"]["follow_up_hit_rate"], abs=0.02)
+    assert (tmp_path / "multiturn.png").stat().st_size > 0

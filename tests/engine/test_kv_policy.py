@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers.engine import run_engine
-from helpers.probe import tracked
+from helpers.probe import conversations, tracked
 from helpers.tiny_checkpoint import make_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -117,6 +117,46 @@ def test_prefix_caching_with_evicted_blocks_is_exact(model, prompts_of):
     plain = probe(model, prompts, overrides=LMINF, max_tokens=12, engine=dict(enable_prefix_caching=False))
     for a, b in zip(cached["results"], plain["results"]):
         same_outputs(a, b)
+
+
+def converse(model, first_turns, follow_ups, *, caching, pool_blocks=None, poison=False, max_tokens=16):
+    eng = dict(max_model_len=8192, block_size=B, max_num_batched_tokens=128, hf_overrides=LMINF,
+               enable_prefix_caching=caching)
+    if pool_blocks is not None:
+        eng["num_gpu_blocks_override"] = pool_blocks
+    args = dict(first_turns=first_turns, follow_ups=follow_ups, max_tokens=max_tokens, poison=poison)
+    return run_engine(model, [], engine=eng, probe=conversations, probe_args=args)["extra"]
+
+
+def test_follow_up_turns_hit_global_and_window_blocks_after_the_pool_churned(model, prompts_of):
+    """Three conversations of 3,000 tokens on a 40-block pool (one history needs 94 blocks),
+    then a follow-up each that resends prompt + answer + 48 new tokens (3,064 tokens). Each
+    follow-up hits every full block of its history (the middle is the null block: those
+    blocks were freed and reused by the other conversations), with uncached free blocks
+    poisoned before every request, and gives the same tokens and logprobs as a run without
+    prefix caching. On a pool that holds only one sequence's bound, the first conversation's
+    window is gone: its hit is shorter and still exact."""
+    first_turns = prompts_of([3000, 3000, 3000])
+    follow_ups = prompts_of([48, 48, 48])
+    plain = converse(model, first_turns, follow_ups, caching=False)
+    cached = converse(model, first_turns, follow_ups, caching=True, pool_blocks=41, poison=True)
+    assert cached["pool_blocks"] == 41
+    for a, b in zip(cached["first"] + cached["follow_up"], plain["first"] + plain["follow_up"]):
+        same_outputs(dict(a, prompt_logprobs=[None]), dict(b, prompt_logprobs=[None]))
+    for turn in cached["follow_up"]:
+        assert turn["prompt_len"] == 3064
+        # prompt + 15 computed answer tokens = 3015 tokens cached, 94 full blocks
+        assert turn["cached_tokens"] == (3000 + 16 - 1) // B * B == 3008
+    assert [t["cached_tokens"] for t in plain["follow_up"]] == [0, 0, 0]
+    assert cached["free_end"] == cached["free_start"]
+
+    bound = -(-G // B) + -(-(W - 1 + 128) // B) + 1
+    tight = converse(model, first_turns, follow_ups, caching=True, pool_blocks=bound + 1, poison=True)
+    for a, b in zip(tight["follow_up"], plain["follow_up"]):
+        same_outputs(dict(a, prompt_logprobs=[None]), dict(b, prompt_logprobs=[None]))
+    # a pool of one sequence's bound: the later conversations reused the first one's window
+    assert tight["follow_up"][0]["cached_tokens"] < 3008
+    assert tight["free_end"] == tight["free_start"]
 
 
 def test_pool_smaller_than_the_bound_fails_at_start_with_numbers(model, prompts_of):

@@ -155,3 +155,42 @@ def sequential(llm, results, *, prompts, max_tokens):
                      "logprobs": [s[t].logprob for s, t in zip(comp.logprobs, comp.token_ids)]})
         cached.append(o.num_cached_tokens or 0)
     return {"results": outs, "cached_tokens": cached}
+
+
+def poison_uncached_free_blocks(llm) -> int:
+    """POISON every free block that no longer carries a prefix-cache hash (freed and not
+    cached, or evicted for reuse): a hit may read cached blocks only."""
+    pool = kv_manager(llm).block_pool
+    ids = [b.block_id for b in pool.free_block_queue.get_all_free_blocks()
+           if not b.is_null and b.block_hash is None]
+    if ids:
+        idx = torch.tensor(ids)
+        for cache in kv_caches(llm):
+            cache[idx] = POISON
+    return len(ids)
+
+
+def conversations(llm, results, *, first_turns, follow_ups, max_tokens, poison=False):
+    """Multi-turn serving, one request at a time: every first turn, then for each
+    conversation a follow-up that resends its history (prompt + answer) plus new tokens,
+    so other conversations churn the pool in between. `poison` fills every uncached free
+    block with POISON before each request. Returns greedy outputs with logprobs, each
+    request's cached-token count, and the pool's free blocks before and after."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
+    pool = kv_manager(llm).block_pool
+    free_start = pool.get_num_free_blocks()
+
+    def serve(ids):
+        if poison:
+            poison_uncached_free_blocks(llm)
+        o = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        comp = o.outputs[0]
+        return {"prompt_len": len(ids), "tokens": list(comp.token_ids), "cached_tokens": o.num_cached_tokens or 0,
+                "logprobs": [s[t].logprob for s, t in zip(comp.logprobs, comp.token_ids)]}
+
+    first = [serve(ids) for ids in first_turns]
+    second = [serve(ids + f["tokens"] + new) for ids, f, new in zip(first_turns, first, follow_ups)]
+    return {"first": first, "follow_up": second, "free_start": free_start, "free_end": pool.get_num_free_blocks(),
+            "pool_blocks": pool.num_gpu_blocks}

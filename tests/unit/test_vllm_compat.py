@@ -134,6 +134,14 @@ def test_kv_manager_helpers():
 
     assert params(FullAttentionManager._remove_blocks_in_range) == ["self", "request_id", "first_block", "last_block"]
     assert "self.max_admission_blocks_per_request" in inspect.getsource(SingleTypeKVCacheManager.__init__)
+    # free_blocks_in_range(evict_first=True) moves freed cached blocks to the queue's front
+    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+
+    assert params(FreeKVCacheBlockQueue.remove) == ["self", "block"]
+    assert params(FreeKVCacheBlockQueue.prepend_n) == ["self", "blocks"]
+    assert params(FullAttentionManager.find_longest_cache_hit)[:8] == [
+        "block_hashes", "max_length", "kv_cache_group_ids", "block_pool", "kv_cache_spec", "drop_eagle_block",
+        "alignment_tokens", "dcp_world_size"]
 
 
 def test_impl_arguments_arrive_in_the_order_refuse_unsupported_takes():
