@@ -184,3 +184,50 @@ def rerotate_keys(kv_cache: torch.Tensor, block_row: torch.Tensor, lo: int, hi: 
     blk, off = block_row[pos // bs].long(), pos % bs
     c, s = absolute_cos_sin(pos, delta_freq)
     keys[blk, :, off] = rotate(keys[blk, :, off], c[:, None], s[:, None], style).to(keys.dtype)
+
+
+@dataclass
+class Rerotation:
+    """`rerotate_keys` for a run of whole blocks, prepared once per step and applied per
+    layer in the cache's own key layout ([D][B] per block and head): the blocks holding
+    positions [lo, hi), cos/sin of δ·j per channel pair and slot ([nb, R/2, B], float32,
+    angles in float64), and which slots are in [lo, hi) (the rest stay bit for bit)."""
+
+    blocks: torch.Tensor  # [nb] block ids
+    cos: torch.Tensor
+    sin: torch.Tensor
+    inside: torch.Tensor  # [nb, 1, B] bool
+
+    @classmethod
+    def plan(cls, block_row: torch.Tensor, lo: int, hi: int, delta_freq: torch.Tensor,
+             block_size: int) -> Rerotation | None:
+        if hi <= lo:
+            return None
+        first, end = lo // block_size, -(-hi // block_size)
+        pos = torch.arange(first * block_size, end * block_size).view(end - first, block_size)
+        c, s = absolute_cos_sin(pos.reshape(-1), delta_freq)  # [nb * B, R/2]
+        c = c.view(end - first, block_size, -1).transpose(1, 2).contiguous()
+        s = s.view(end - first, block_size, -1).transpose(1, 2).contiguous()
+        inside = ((pos >= lo) & (pos < hi))[:, None, :]
+        return cls(block_row[first:end].long(), c, s, inside)
+
+
+def rerotate_blocks(kv_cache: torch.Tensor, plan: Rerotation, style: RopeStyle) -> None:
+    """Apply a `Rerotation` to one layer's cache: one gather, a rotation in float32 over
+    [nb, H, D, B] and one scatter (the per-position `rerotate_keys` is its reference)."""
+    n, h, bs, d2 = kv_cache.shape
+    keys_t = kv_cache.view(n, h, 2, bs * (d2 // 2))[:, :, 0].view(n, h, d2 // 2, bs)
+    x = keys_t[plan.blocks].to(torch.float32)  # [nb, H, D, B]
+    r = style.rotary_dim
+    if style.neox:
+        x1, x2 = x[:, :, : r // 2], x[:, :, r // 2 : r]
+    else:
+        x1, x2 = x[:, :, 0:r:2], x[:, :, 1:r:2]
+    c, s, inside = plan.cos[:, None], plan.sin[:, None], plan.inside[:, None]
+    y1 = torch.where(inside, x1 * c - x2 * s, x1)
+    y2 = torch.where(inside, x2 * c + x1 * s, x2)
+    if style.neox:
+        x[:, :, : r // 2], x[:, :, r // 2 : r] = y1, y2
+    else:
+        x[:, :, 0:r:2], x[:, :, 1:r:2] = y1, y2
+    keys_t[plan.blocks] = x.to(kv_cache.dtype)

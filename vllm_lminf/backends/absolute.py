@@ -29,7 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from lminf_kernels.absolute_cpu import QueryPlan, lambda_attention_absolute, rerotate_keys
+from lminf_kernels.absolute_cpu import QueryPlan, Rerotation, lambda_attention_absolute, rerotate_blocks
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle, absolute_cos_sin, rotate
 
@@ -92,13 +92,13 @@ class Wave:
     plan: QueryPlan | None  # our kernel's inputs for them
     # CLEX only (q and k arrive unrotated): per-row rotation (vLLM's rotary op over a
     # cos|sin table with one row per wave row, angles taken in float64) and query scale,
-    # the wave's cache slots, and (block-table row, lo, hi, delta frequencies) of cached
-    # keys to re-rotate before the wave because their sequence's t stepped up.
+    # the wave's cache slots, and the cached keys to re-rotate before the wave because
+    # their sequence's t stepped up (angles computed here, once per step, for every layer).
     cos_sin: torch.Tensor | None = None
     table_rows: torch.Tensor | None = None  # 0..rows-1: row i of cos_sin rotates wave row i
     row_scale: torch.Tensor | None = None
     slots: torch.Tensor | None = None
-    rerotate: list[tuple[torch.Tensor, int, int, torch.Tensor]] = field(default_factory=list)
+    rerotate: list[Rerotation] = field(default_factory=list)
 
 
 @dataclass
@@ -168,7 +168,9 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
                 if held[i] is not None and held[i] != t:
                     delta = table[t - 1].double() - table[held[i] - 1].double()
                     for a, b in _read_later(pattern, lo):
-                        rerotate.append((batch.block_table[i], a, b, delta))
+                        plan = Rerotation.plan(batch.block_table[i], a, b, delta, self.kv_cache_spec.block_size)
+                        if plan is not None:
+                            rerotate.append(plan)
                 held[i] = t
                 start = qsl[i] + lo - firsts[i]
                 rows.append(torch.arange(start, start + hi - lo))
@@ -267,8 +269,8 @@ class AbsoluteImpl(CPUAttentionBackendImpl):
         vLLM's own rotary does), store its K/V."""
         from vllm import _custom_ops as ops
 
-        for block_row, lo, hi, delta in wave.rerotate:
-            rerotate_keys(kv_cache, block_row, lo, hi, delta, self.style)
+        for plan in wave.rerotate:
+            rerotate_blocks(kv_cache, plan, self.style)
         if wave.rows is not None:
             key, value = key.index_select(0, wave.rows), value.index_select(0, wave.rows)
         if wave.row_scale is not None:
