@@ -46,7 +46,7 @@ def parse_cases(text: str) -> list[tuple[int, list[str]]]:
 
 
 def server_args(name: str, max_len: int, trained: int, window: int, n_global: int, dtype: str,
-                chunk: int) -> tuple[list[str], bool]:
+                chunk: int) -> list[str]:
     overrides: dict = {}
     if name == "lminf":
         overrides["lm_infinite"] = {"n_global": n_global, "n_local": window, "distance_limit": window}
@@ -57,7 +57,7 @@ def server_args(name: str, max_len: int, trained: int, window: int, n_global: in
     args = ["--max-model-len", str(max_len), "--dtype", dtype, "--max-num-batched-tokens", str(chunk)]
     if overrides:
         args += ["--hf-overrides", json.dumps(overrides)]
-    return args, name == "lminf"
+    return args
 
 
 def main(argv=None) -> int:
@@ -106,11 +106,11 @@ def main(argv=None) -> int:
     for length, names in cases:
         for name in names:
             max_len = length + a.output_len + 16
-            args, plugin = server_args(name, max_len, trained, window, a.n_global, a.dtype, a.chunk)
+            args = server_args(name, max_len, trained, window, a.n_global, a.dtype, a.chunk)
             if a.quick:
                 args.append("--enforce-eager")
             log = a.out / f"server_{name}_{length}.log"
-            with Server(model, args=args, plugin=plugin, env=env, log=log) as srv:
+            with Server(model, args=args, plugin=name == "lminf", env=env, log=log) as srv:
                 result_file = f"{name}_{length}.json"
                 cmd = [sys.executable, "-m", "vllm_lminf", "bench", "serve", "--backend", "vllm",
                        "--base-url", srv.url, "--model", str(model), "--tokenizer", str(model),

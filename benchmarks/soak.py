@@ -163,7 +163,7 @@ def plan(n: int, rng: random.Random, lengths: list[tuple[float, int, int]], voca
     return reqs
 
 
-def run_one(client: Client, req: dict, bad: list[tuple[str, dict]], rng_seed: int) -> dict:
+def run_one(client: Client, req: dict, bad: list[tuple[str, dict]]) -> dict:
     kind = req["kind"]
     t0 = time.perf_counter()
     if kind == "plain":
@@ -175,7 +175,7 @@ def run_one(client: Client, req: dict, bad: list[tuple[str, dict]], rng_seed: in
     elif kind == "abort_decode":
         res = client.stream(req["ids"], req["max_tokens"], close_after_tokens=req["close_after_tokens"])
     else:
-        what, body = bad[rng_seed % len(bad)]
+        what, body = bad[req["i"] % len(bad)]
         status, text = client.post_raw(body)
         res = {"status": status, "bad": what, "error": text}
     res.update(i=req["i"], kind=kind, prompt_len=len(req["ids"]), seconds=time.perf_counter() - t0)
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         results: list[dict] = []
         with ThreadPoolExecutor(a.concurrency) as pool_exec:
-            futures = [pool_exec.submit(run_one, client, r, bad, r["i"]) for r in reqs]
+            futures = [pool_exec.submit(run_one, client, r, bad) for r in reqs]
             for f in tqdm(futures, desc="load"):
                 results.append(f.result())
         load_s = time.time() - t0
