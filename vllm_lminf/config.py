@@ -9,6 +9,15 @@ Enabled by a dict in config.json, or `hf_overrides={"lm_infinite": {...}}` /
     allow_untrained_distance  permit n_local or distance_limit > L (default false)
     free_middle_blocks        return KV blocks nobody reads again to the pool (default true)
 
+Top-k middle attention (LM-Infinite's retrieval variant; off unless `top_k` is set):
+    top_k            middle keys each query row also attends, per query head  (int >= 1)
+    top_k_from_layer first layer that uses it                     (default 4, as the reference)
+    top_k_to_layer   layers from <= i < to use it                 (default: the layer count)
+    top_k_distance   rotary distance the middle keys are scored and seen at (default d // 2)
+    top_k_rows       "last": the last prompt row and every generated row (the reference);
+                     "all": every row (prompt logprobs, perplexity)          (default "last")
+Top-k layers keep their whole KV (their middle is read); the other layers keep freeing it.
+
 L is the checkpoint's trained length (`max_position_embeddings`).
 """
 
@@ -34,6 +43,23 @@ CONFIG_KEY = "lm_infinite"
 DEFAULT_N_GLOBAL = 10
 _INT_FIELDS = {"n_global": 0, "n_local": 1, "distance_limit": 1}
 _BOOL_FIELDS = ("allow_untrained_distance", "free_middle_blocks")
+_TOP_K_FIELDS = ("top_k", "top_k_from_layer", "top_k_to_layer", "top_k_distance", "top_k_rows")
+TOP_K_ROWS = ("last", "all")
+DEFAULT_TOP_K_FROM_LAYER = 4
+
+
+@dataclass(frozen=True)
+class TopKConfig:
+    """Which layers and rows attend the `k` best middle keys, and at what rotary distance."""
+
+    k: int
+    from_layer: int
+    to_layer: int
+    distance: int
+    rows: str  # "last" | "all"
+
+    def covers(self, layer: int) -> bool:
+        return self.from_layer <= layer < self.to_layer
 
 
 @dataclass(frozen=True)
@@ -44,6 +70,7 @@ class LMInfiniteConfig:
     trained_length: int
     allow_untrained_distance: bool = False
     free_middle_blocks: bool = True
+    top_k: TopKConfig | None = None
 
     @property
     def pattern(self) -> LambdaPattern:
@@ -81,7 +108,7 @@ def parse_lm_infinite(hf_config: Any) -> LMInfiniteConfig | None:
         raw = {}
     if not isinstance(raw, dict):
         raise ValueError(f"{CONFIG_KEY} must be a mapping (or true for the defaults), got {raw!r}")
-    allowed = set(_INT_FIELDS) | set(_BOOL_FIELDS)
+    allowed = set(_INT_FIELDS) | set(_BOOL_FIELDS) | set(_TOP_K_FIELDS)
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ValueError(f"{CONFIG_KEY}: unknown key(s) {unknown}; allowed keys: {sorted(allowed)}")
@@ -98,7 +125,9 @@ def parse_lm_infinite(hf_config: Any) -> LMInfiniteConfig | None:
             if not isinstance(raw[name], bool):
                 raise ValueError(f"{CONFIG_KEY}.{name} must be true or false, got {raw[name]!r}")
             values[name] = raw[name]
-    cfg = LMInfiniteConfig(trained_length=length, **values)
+    top_k = _parse_top_k(raw, hf_config, values["distance_limit"], length,
+                         values.get("allow_untrained_distance", False))
+    cfg = LMInfiniteConfig(trained_length=length, top_k=top_k, **values)
     if not cfg.allow_untrained_distance:
         for name in ("n_local", "distance_limit"):
             if getattr(cfg, name) > length:
@@ -109,3 +138,49 @@ def parse_lm_infinite(hf_config: Any) -> LMInfiniteConfig | None:
                     f"{CONFIG_KEY}.allow_untrained_distance=true to accept it."
                 )
     return cfg
+
+
+def _layer_count(hf_config: Any) -> int:
+    text = hf_config.get_text_config() if callable(getattr(hf_config, "get_text_config", None)) else hf_config
+    count = getattr(text, "num_hidden_layers", None)
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"{CONFIG_KEY}.top_k needs config.num_hidden_layers (a positive integer), got {count!r}")
+    return count
+
+
+def _parse_top_k(raw: dict, hf_config: Any, distance_limit: int, length: int,
+                 allow_untrained: bool) -> TopKConfig | None:
+    if "top_k" not in raw:
+        given = sorted(set(raw) & set(_TOP_K_FIELDS))
+        if given:
+            raise ValueError(f"{CONFIG_KEY}: {given} only apply with {CONFIG_KEY}.top_k (an integer >= 1) set")
+        return None
+
+    def integer(name: str, lo: int, default: int) -> int:
+        val = raw.get(name, default)
+        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+            raise ValueError(f"{CONFIG_KEY}.{name} must be an integer >= {lo}, got {val!r}")
+        return val
+
+    layers = _layer_count(hf_config)
+    k = integer("top_k", 1, 0)
+    from_layer = integer("top_k_from_layer", 0, DEFAULT_TOP_K_FROM_LAYER)
+    to_layer = integer("top_k_to_layer", 1, layers)
+    if from_layer >= layers:
+        raise ValueError(f"{CONFIG_KEY}.top_k_from_layer={from_layer} is past the model's last layer "
+                         f"({layers - 1}); use a value in [0, {layers - 1}]")
+    if to_layer > layers:
+        raise ValueError(f"{CONFIG_KEY}.top_k_to_layer={to_layer} is past the model's layer count {layers}; "
+                         f"use a value in [{from_layer + 1}, {layers}]")
+    if from_layer >= to_layer:
+        raise ValueError(f"{CONFIG_KEY}.top_k_from_layer={from_layer} must be < top_k_to_layer={to_layer} "
+                         "(layers from <= i < to use top-k)")
+    distance = integer("top_k_distance", 1, max(1, distance_limit // 2))
+    if distance > length and not allow_untrained:
+        raise ValueError(
+            f"{CONFIG_KEY}.top_k_distance={distance} exceeds the trained length max_position_embeddings={length}; "
+            f"use a value in [1, {length}], or set {CONFIG_KEY}.allow_untrained_distance=true to accept it.")
+    rows = raw.get("top_k_rows", "last")
+    if rows not in TOP_K_ROWS:
+        raise ValueError(f"{CONFIG_KEY}.top_k_rows must be one of {list(TOP_K_ROWS)}, got {rows!r}")
+    return TopKConfig(k=k, from_layer=from_layer, to_layer=to_layer, distance=distance, rows=rows)

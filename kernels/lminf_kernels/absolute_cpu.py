@@ -27,6 +27,7 @@ from .paged import (absolute_views, attend_local, band_mask, from_head_rows,
 from .pattern import UNBOUNDED, LambdaPattern
 from .raw_torch import DEFAULT_QUERY_TILE
 from .rope import RopeStyle, absolute_cos_sin, rotate
+from .topk import TopKRows, attend_middle, merge_partials, row_rule
 
 # Keys per work item of the C++ kernel when few queries must share the cores (decode: one
 # long window split across cores); with many queries (prefill) each tile takes whole windows.
@@ -47,8 +48,18 @@ def global_queries(q_abs: torch.Tensor, positions: torch.Tensor, n_keys: int, pa
     return rotate(q, c[:, :, None], s[:, :, None], style)
 
 
-def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale, out, query_tile):
-    """Λ attention of one sequence's consecutive queries [first_pos, first_pos + T)."""
+def _middle_keys(views, row, hi: int, pattern: LambdaPattern, style: RopeStyle, inv_freq: torch.Tensor):
+    """The middle keys [n_global, hi) of one sequence rotated back to raw (R(-j) R(j) k,
+    angles in float64), and their values, float32: [Hkv, N, D] each."""
+    k_mid, v_mid = gather_span(views, row, pattern.n_global, hi)
+    c, s = absolute_cos_sin(-torch.arange(pattern.n_global, hi), inv_freq)
+    return rotate(k_mid.to(torch.float32), c, s, style), v_mid.to(torch.float32)
+
+
+def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale, out, query_tile,
+                top_k: tuple[int, int, int] | None = None):
+    """Λ attention of one sequence's consecutive queries [first_pos, first_pos + T).
+    top_k = (k, distance, first position whose row uses it), or None."""
     tq_all, hq, dh = query.shape
     hkv = kv_cache.shape[1]
     group = hq // hkv
@@ -57,6 +68,8 @@ def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale
     k_span, v_span = gather_span(views, row, span_lo, first_pos + tq_all)
     # contiguous copies: torch's CPU flash kernel misreads some strided K/V views
     k_span, v_span = k_span.to(torch.float32).contiguous(), v_span.to(torch.float32).contiguous()
+    middle = None if top_k is None else _middle_keys(views, row, first_pos + tq_all - pattern.n_local, pattern,
+                                                     style, inv_freq)
     for t0 in range(0, tq_all, query_tile):
         t1 = min(tq_all, t0 + query_tile)
         tq = t1 - t0
@@ -67,6 +80,13 @@ def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale
         keys = slice(lo - span_lo, pb + 1 - span_lo)
         mask = band_mask(pa, pb, lo, pattern.n_local, group) if tq > 1 else None
         res, lse = attend_local(q_heads, k_span[:, keys], v_span[:, keys], mask, scale)
+        if middle is not None:
+            # R(distance - p) R(p) q = R(distance) q_raw, against the raw middle keys
+            pos = torch.arange(pa, pb + 1)
+            c, s = absolute_cos_sin(top_k[1] - pos, inv_freq)
+            q_mid = to_head_rows(rotate(q, c[:, None], s[:, None], style), hkv).reshape(hkv, group * tq, dh)
+            counts, use = row_rule(pos, top_k[2], top_k[0], pattern, group)
+            res, lse = merge_partials(res, lse, *attend_middle(q_mid, *middle, counts, use, top_k[0], scale))
         g_hi = pattern.global_end(pb)
         if g_hi > 0:
             k_g, v_g = gather_span(views, row, 0, g_hi)
@@ -140,7 +160,7 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
                               style: RopeStyle, inv_freq: torch.Tensor, scale: float,
                               out: torch.Tensor | None = None, query_tile: int = DEFAULT_QUERY_TILE,
                               use_extension: bool = True, plan: QueryPlan | None = None,
-                              sequences: list[int] | None = None) -> torch.Tensor:
+                              sequences: list[int] | None = None, top_k: TopKRows | None = None) -> torch.Tensor:
     """Λ attention for a batch (prefill chunks and decodes mixed).
 
     query: [T, Hq, D] rotated at absolute positions (`absolute_cos_sin`), sequence i
@@ -148,26 +168,31 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
     tokens of its seq_lens[i] tokens. kv_cache holds this step's keys already (rotated
     the same way, `paged.store_kv(paged.absolute_views(kv_cache), ...)`). inv_freq: [R/2], or
     [num_seqs, R/2] per sequence (CLEX), float32. plan: the step's
-    `QueryPlan` for exactly `sequences` (built here when not given). sequences: compute
-    only these (others' output rows are left untouched). use_extension=False: torch only.
+    `QueryPlan` for exactly the `sequences` without top-k rows (built here when not given).
+    sequences: compute only these (others' output rows are left untouched).
+    use_extension=False: torch only. top_k: the step's top-k rule (None: Λ only); the
+    sequences with rows that use it run the torch code.
     """
     if out is None:
         out = torch.empty_like(query)
     inv_freq = inv_freq.to(torch.float32)
     todo = range(len(seq_lens)) if sequences is None else sequences
     todo = [i for i in todo if query_start_loc[i + 1] > query_start_loc[i]]
-    if todo and use_extension:
+    with_top_k = [i for i in todo if top_k is not None and top_k.uses(i, seq_lens[i] - 1, pattern)]
+    plain = [i for i in todo if i not in with_top_k]
+    if plain and use_extension:
         if plan is None:
-            plan = QueryPlan.build(todo, query_start_loc, seq_lens, pattern, inv_freq)
+            plan = QueryPlan.build(plain, query_start_loc, seq_lens, pattern, inv_freq)
         if block_table.dtype != torch.int32:
             block_table = block_table.to(torch.int32)
         if kernel_rows(query, kv_cache, block_table, plan, style=style, scale=scale, out=out):
-            return out
-    for i in todo:
+            plain = []
+    for i in plain + with_top_k:
         a, b = query_start_loc[i], query_start_loc[i + 1]
         freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
+        rule = (top_k.k, top_k.distance, top_k.first_pos[i]) if i in with_top_k else None
         _torch_rows(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq, scale,
-                    out[a:b], query_tile)
+                    out[a:b], query_tile, rule)
     return out
 
 

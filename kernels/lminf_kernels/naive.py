@@ -40,11 +40,16 @@ def lambda_attention_dense(
     scale: float,
     query_scale: float = 1.0,
     dtype: torch.dtype = torch.float64,
+    top_k: tuple[int, int] | None = None,
+    top_k_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Λ attention of raw queries over raw keys/values of one sequence.
 
     q: [Tq, Hq, D] (before rotation), k/v: [S, Hkv, D] for key positions 0..S-1,
-    q_pos: [Tq] query positions (< S). Returns [Tq, Hq, Dv] in `dtype`.
+    q_pos: [Tq] query positions (< S). top_k = (k, distance): rows flagged in top_k_rows
+    [Tq] bool (default: all) whose middle holds >= k keys also see, per query head, the k
+    middle keys with the largest logit at `distance`, at that logit. Returns [Tq, Hq, Dv]
+    in `dtype`.
     """
     tq, hq, _ = q.shape
     s, hkv, _ = k.shape
@@ -57,10 +62,32 @@ def lambda_attention_dense(
     k_rep = k.to(dtype).repeat_interleave(group, dim=1)  # [S, Hq, D]
     logits = torch.einsum("tshd,shd->hts", q_rot, k_rep) * scale
     logits = logits.masked_fill((dist < 0)[None], float("-inf"))
+    if top_k is not None:
+        logits = _with_top_k(logits, q, k_rep, q_pos, pattern, style, inv_freq.to(dtype), scale, *top_k,
+                             torch.ones(tq, dtype=torch.bool) if top_k_rows is None else top_k_rows)
     probs = torch.softmax(logits, dim=-1)
     probs = torch.nan_to_num(probs)  # a query with no key (cannot happen for p >= 0) stays 0
     v_rep = v.to(dtype).repeat_interleave(group, dim=1)
     return torch.einsum("hts,shd->thd", probs, v_rep)
+
+
+def _with_top_k(logits, q, k_rep, q_pos, pattern, style, inv_freq, scale, k, distance, rows):
+    """Λ logits [Hq, Tq, S] with each flagged row's k best middle logits (per head) filled in."""
+    c, sn = cos_sin(torch.tensor(distance), inv_freq)
+    q_d = rotate(q, c, sn, style)  # every middle key is seen at the same distance
+    mid_logits = torch.einsum("thd,shd->hts", q_d, k_rep) * scale
+    p = q_pos.long()[:, None]
+    j = torch.arange(k_rep.shape[0])[None, :]
+    middle = (j >= pattern.n_global) & (j <= p - pattern.n_local)  # [Tq, S]
+    out = logits.clone()
+    for t in range(q.shape[0]):
+        keys = torch.nonzero(middle[t]).flatten()
+        if not bool(rows[t]) or len(keys) < k:
+            continue
+        for h in range(q.shape[1]):
+            best = keys[torch.argsort(mid_logits[h, t, keys], descending=True)[:k]]
+            out[h, t, best] = mid_logits[h, t, best]
+    return out
 
 
 def gather_paged(kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int, head_size: int):
@@ -76,9 +103,11 @@ def gather_paged(kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: in
 def lambda_paged_attention_naive(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                                  query_start_loc: list[int], seq_lens: list[int], *, pattern: LambdaPattern,
                                  style: RopeStyle, inv_freq: torch.Tensor, scale: float,
-                                 query_scale: list[float] | None = None) -> torch.Tensor:
+                                 query_scale: list[float] | None = None,
+                                 top_k: tuple[int, int, list[int]] | None = None) -> torch.Tensor:
     """Reference for the paged entry point: gathers every token of each sequence
-    (the fast paths must not) and runs the dense reference. Returns float64."""
+    (the fast paths must not) and runs the dense reference. top_k = (k, distance,
+    first_pos per sequence): rows at positions >= first_pos may use top-k. Returns float64."""
     head_size = query.shape[-1]
     out = torch.zeros(query.shape, dtype=torch.float64)
     for i, s in enumerate(seq_lens):
@@ -91,5 +120,7 @@ def lambda_paged_attention_naive(query: torch.Tensor, kv_cache: torch.Tensor, bl
         out[a:b] = lambda_attention_dense(
             query[a:b], k, v, q_pos, pattern=pattern, style=style, inv_freq=freq, scale=scale,
             query_scale=1.0 if query_scale is None else query_scale[i],
+            top_k=None if top_k is None else top_k[:2],
+            top_k_rows=None if top_k is None else q_pos >= top_k[2][i],
         )
     return out

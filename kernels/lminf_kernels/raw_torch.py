@@ -7,7 +7,8 @@ For each sequence, queries are processed in tiles. A tile reads only
   - the global tokens [0, global_end(last query)), unrotated, against queries
     rotated by `distance_limit`,
 and merges both in one softmax. Blocks between the two spans are never touched, so
-their block-table entries may be stale (freed blocks).
+their block-table entries may be stale (freed blocks), unless `top_k` is given: then the
+rows that use it also read the middle (`topk.py`; their layer keeps its middle blocks).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .paged import (attend_local, band_mask, from_head_rows, gather_span,
                     global_seen, merge_global, raw_views, to_head_rows)
 from .pattern import LambdaPattern
 from .rope import RopeStyle, cos_sin, cos_sin_table, rotate
+from .topk import TopKRows, attend_middle, merge_partials, row_rule
 
 DEFAULT_QUERY_TILE = 256
 
@@ -26,7 +28,8 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            query_start_loc: list[int], seq_lens: list[int], *, pattern: LambdaPattern,
                            style: RopeStyle, inv_freq: torch.Tensor, scale: float,
                            query_scale: list[float] | None = None, out: torch.Tensor | None = None,
-                           query_tile: int = DEFAULT_QUERY_TILE) -> torch.Tensor:
+                           query_tile: int = DEFAULT_QUERY_TILE, top_k: TopKRows | None = None,
+                           sequences: list[int] | None = None) -> torch.Tensor:
     """Λ attention for a batch of sequences (prefill chunks and decodes mixed).
 
     query: [T, Hq, D] raw queries, sequence i owning rows
@@ -34,7 +37,9 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     its seq_lens[i] tokens. kv_cache: [num_blocks, Hkv, B, 2*D], raw K then V on the
     last dim, already holding this step's keys. block_table: [num_seqs, max_blocks].
     inv_freq: [R/2] shared, or [num_seqs, R/2] per sequence (CLEX). query_scale:
-    per-sequence query multiplier (CLEX log scale). Computes in float32.
+    per-sequence query multiplier (CLEX log scale). top_k: the step's top-k rule (None:
+    Λ only). sequences: compute only these (others' rows are left untouched). Computes in
+    float32.
     """
     num_tokens, hq, dh = query.shape
     hkv = kv_cache.shape[1]
@@ -43,7 +48,8 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         out = torch.empty_like(query)
     views = raw_views(kv_cache)
     inv_freq = inv_freq.to(torch.float32)
-    for i, seq_len in enumerate(seq_lens):
+    for i in range(len(seq_lens)) if sequences is None else sequences:
+        seq_len = seq_lens[i]
         a, b = query_start_loc[i], query_start_loc[i + 1]
         if b <= a:
             continue
@@ -60,6 +66,12 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         kc, ks = cos_sin_table(freq, seq_len - span_lo)
         k_span = rotate(k_span, kc, ks, style)
         v_span = v_span.to(torch.float32)
+        middle = None
+        if top_k is not None and top_k.uses(i, seq_len - 1, pattern):
+            # raw middle keys, scored by queries rotated by the top-k distance
+            k_mid, v_mid = gather_span(views, row, pattern.n_global, seq_len - pattern.n_local)
+            dcos, dsin = cos_sin(torch.tensor(top_k.distance), freq)
+            middle = (k_mid.to(torch.float32), v_mid.to(torch.float32), dcos, dsin)
         for t0 in range(a, b, query_tile):
             t1 = min(b, t0 + query_tile)
             pa, pb = first_pos + (t0 - a), first_pos + (t1 - a) - 1
@@ -75,6 +87,11 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
             mask = band_mask(pa, pb, lo, pattern.n_local, group) if tq > 1 else None
             keys = slice(lo - span_lo, pb + 1 - span_lo)
             res, lse = attend_local(q_loc, k_span[:, keys], v_span[:, keys], mask, scale)
+            if middle is not None:
+                k_mid, v_mid, dcos, dsin = middle
+                counts, use = row_rule(torch.arange(pa, pb + 1), top_k.first_pos[i], top_k.k, pattern, group)
+                q_mid = rotate(q_heads, dcos, dsin, style).reshape(hkv, group * tq, dh)
+                res, lse = merge_partials(res, lse, *attend_middle(q_mid, k_mid, v_mid, counts, use, top_k.k, scale))
 
             g_hi = pattern.global_end(pb)
             if g_hi > 0:

@@ -13,55 +13,8 @@ from lminf_kernels.paged import absolute_views, store_kv
 from lminf_kernels.naive import lambda_paged_attention_naive
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
-from helpers.kernel_cases import CASES, build_paged, case_inputs, make_inv_freq, poison_unread_blocks, rel_err
-
-
-def rotate64(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, style: RopeStyle) -> torch.Tensor:
-    """Reference rotation of [T, H, D] rows at integer positions, all in float64."""
-    x = x.double().clone()
-    ang = pos.double()[:, None] * inv.double()[None, :]
-    c, s = ang.cos()[:, None, :], ang.sin()[:, None, :]
-    r = style.rotary_dim
-    if style.neox:
-        a, b = x[..., : r // 2].clone(), x[..., r // 2 : r].clone()
-        x[..., : r // 2], x[..., r // 2 : r] = a * c - b * s, b * c + a * s
-    else:
-        a, b = x[..., 0:r:2].clone(), x[..., 1:r:2].clone()
-        x[..., 0:r:2], x[..., 1:r:2] = a * c - b * s, b * c + a * s
-    return x
-
-
-def to_absolute_layout(raw: torch.Tensor, table, seq_lens, inv, style) -> torch.Tensor:
-    """The interleaved raw-key cache rewritten as vLLM's CPU layout with keys rotated at
-    their absolute positions (NaN everywhere no sequence token lives)."""
-    out = torch.full_like(raw, float("nan"))
-    keys, values = absolute_views(out)
-    bs, d = raw.shape[2], raw.shape[3] // 2
-    for i, s in enumerate(seq_lens):
-        pos = torch.arange(s)
-        blk, off = table[i][pos // bs].long(), pos % bs
-        k = raw[blk, :, off, :d]  # [s, H, D]
-        keys[blk, :, off] = rotate64(k, pos, inv, style).to(raw.dtype)
-        values[blk, :, off] = raw[blk, :, off, d:]
-    return out
-
-
-def poison_unread_whole_blocks(cache, table, seq_lens, q_lens, pattern):
-    """NaN-fill every block no query of the step may read (the tails of partly written
-    blocks are NaN already, from `to_absolute_layout`)."""
-    marks = poison_unread_blocks(torch.zeros_like(cache), table, seq_lens, q_lens, pattern)
-    unread = marks.isnan().flatten(1).all(1)
-    cache = cache.clone()
-    cache[unread] = float("nan")
-    return cache
-
-
-def absolute_queries(query, qsl, seq_lens, inv, style):
-    q = torch.empty(query.shape, dtype=torch.float64)
-    for i, s in enumerate(seq_lens):
-        a, b = qsl[i], qsl[i + 1]
-        q[a:b] = rotate64(query[a:b], torch.arange(s - (b - a), s), inv, style)
-    return q.to(query.dtype)
+from helpers.kernel_cases import (CASES, absolute_queries, build_paged, case_inputs, make_inv_freq,
+                                  poison_unread_whole_blocks, rel_err, rotate64, to_absolute_layout)
 
 
 @pytest.mark.parametrize("use_extension", [True, False], ids=["cpp", "torch"])
