@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.utils import extract_layer_index
 
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
@@ -31,7 +32,7 @@ class LMInfAttention(Attention):
     KV policy (bounded for Λ layers that free their middle blocks)."""
 
     def __init__(self, stock: Attention, *, backend, lminf: LMInfiniteConfig | None,
-                 clex_scale: tuple[int, int, bool] | None, **impl_kwargs):
+                 clex_scale: tuple[int, int, bool] | None, top_k=None, **impl_kwargs):
         super().__init__(
             stock.num_heads,
             stock.head_size,
@@ -39,14 +40,16 @@ class LMInfAttention(Attention):
             num_kv_heads=stock.num_kv_heads,
             prefix=stock.layer_name,
             attn_backend=backend,
+            top_k=top_k,
             **impl_kwargs,
         )
         self.lminf = lminf
         self.clex_scale = clex_scale
+        self.top_k = top_k
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig):
         return kv_policy.kv_cache_spec(super().get_kv_cache_spec(vllm_config), self.lminf, self.clex_scale,
-                                       vllm_config)
+                                       vllm_config, keeps_middle=self.top_k is not None)
 
 
 def _check_stock_attention(attn: Attention, dtype: torch.dtype) -> None:
@@ -76,7 +79,9 @@ def install(model: nn.Module, vllm_config: VllmConfig, *, lminf: LMInfiniteConfi
             continue
         _check_stock_attention(stock, torch.get_default_dtype())
         style = RopeStyle(rope.rotary_dim, bool(rope.is_neox_style))
-        policy = dict(lminf=lminf, clex_scale=None)
+        policy = dict(lminf=lminf, clex_scale=None, top_k=None)
+        if lminf is not None and lminf.top_k is not None and lminf.top_k.covers(extract_layer_index(stock.layer_name)):
+            policy["top_k"] = lminf.top_k
         if clex is not None:
             clex.check_rotary_dim(rope.rotary_dim)
             policy["clex_scale"] = (clex.original_len, clex.cfg.max_factor, clex.cfg.log_scale)

@@ -201,11 +201,13 @@ class LambdaAttentionManager(FullAttentionManager):
         return computed, num_blocks * block_size
 
 
-def kv_cache_spec(stock: FullAttentionSpec, lminf, clex_scale: tuple[int, int, bool] | None, vllm_config):
+def kv_cache_spec(stock: FullAttentionSpec, lminf, clex_scale: tuple[int, int, bool] | None, vllm_config,
+                  keeps_middle: bool = False):
     """The KV spec of a plugin layer: bounded for Λ layers that free their middle blocks,
-    keyed by t under CLEX, else vLLM's own (`stock`)."""
+    keyed by t under CLEX, else vLLM's own (`stock`). keeps_middle: a top-k layer (it
+    reads its middle, so it keeps every block)."""
     base = {f.name: getattr(stock, f.name) for f in fields(FullAttentionSpec)}
-    if lminf is not None and lminf.free_middle_blocks:
+    if lminf is not None and lminf.free_middle_blocks and not keeps_middle:
         return LambdaAttentionSpec(
             **base, n_global=lminf.n_global, n_local=lminf.n_local,
             in_flight_tokens=vllm_config.max_in_flight_tokens,

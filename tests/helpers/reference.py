@@ -131,8 +131,28 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     delta = step_delta(torch.arange(S - Tq, S), S, st["lm_infinite"])
     scale = q.shape[-1] ** -0.5 if scaling is None else scaling
     logits = pairwise_logits(q, k, delta, st["inv_freq"]) * scale
+    top_k = st.get("top_k")
+    if top_k is not None and top_k[2] <= module.layer_idx < top_k[3]:
+        logits = _with_top_k(logits, q, k, torch.arange(S - Tq, S), st["lm_infinite"], st["inv_freq"], scale, top_k)
     out = torch.softmax(logits, dim=-1) @ v
     return out.transpose(0, 1)[None].to(query.dtype), None
+
+
+def _with_top_k(logits, q, k, q_pos, lm_infinite, inv_freq, scale, top_k):
+    """LM-Infinite's top-k middle attention on top of the Λ logits [H, Tq, S]: a row at
+    position p >= first_pos whose middle G <= j <= p - W holds at least k keys also sees,
+    per head, the k middle keys with the largest logit at rotary distance `distance`."""
+    kk, distance, _, _, first_pos = top_k
+    G, W, _ = lm_infinite
+    p = q_pos[:, None]
+    j = torch.arange(k.shape[1])[None, :]
+    middle = (j >= G) & (j <= p - W)
+    mid_delta = torch.where(middle, torch.tensor(float(distance), dtype=F64), torch.tensor(math.nan, dtype=F64))
+    mid = pairwise_logits(q, k, mid_delta, inv_freq) * scale  # -inf off the middle
+    rows = (q_pos >= first_pos) & (middle.sum(1) >= kk)
+    best = mid.topk(kk, dim=-1).indices  # [H, Tq, kk]
+    chosen = torch.zeros_like(mid, dtype=torch.bool).scatter_(-1, best, True) & rows[None, :, None]
+    return torch.where(chosen, mid, logits)
 
 
 def _register() -> None:
@@ -234,7 +254,7 @@ class Reference:
             )
         return inv
 
-    def _step_state(self, S: int, lm_infinite, inv_freq_for_len, query_scale_for_len) -> dict:
+    def _step_state(self, S: int, lm_infinite, inv_freq_for_len, query_scale_for_len, top_k=None) -> dict:
         """Frequencies and query scale of a step whose sequence is S tokens long."""
         if inv_freq_for_len is not None:
             inv = torch.as_tensor(inv_freq_for_len(S), dtype=F64).flatten()
@@ -247,7 +267,9 @@ class Reference:
             if W < 1:
                 raise ValueError("n_local must be >= 1")
             lm_infinite = (int(G), int(W), float(d))
-        return dict(inv_freq=inv, lm_infinite=lm_infinite,
+        if top_k is not None and lm_infinite is None:
+            raise ValueError("top_k needs lm_infinite")
+        return dict(inv_freq=inv, lm_infinite=lm_infinite, top_k=top_k,
                     q_scale=1.0 if query_scale_for_len is None else float(query_scale_for_len(S)))
 
     @torch.no_grad()
@@ -268,12 +290,15 @@ class Reference:
         lm_infinite: LMInfinite | None = None,
         inv_freq_for_len: Callable[[int], torch.Tensor] | None = None,
         query_scale_for_len: Callable[[int], float] | None = None,
+        top_k: tuple[int, int, int, int, int] | None = None,
     ) -> torch.Tensor:
-        """Next-token logits [T, vocab] (float64) at every position."""
+        """Next-token logits [T, vocab] (float64) at every position. top_k = (k, distance,
+        from_layer, to_layer, first_pos): LM-Infinite's top-k middle attention in layers
+        from <= i < to, for the rows at positions >= first_pos."""
         ids = list(token_ids)
         if not ids:
             raise ValueError("empty token_ids")
-        state = self._step_state(len(ids), lm_infinite, inv_freq_for_len, query_scale_for_len)
+        state = self._step_state(len(ids), lm_infinite, inv_freq_for_len, query_scale_for_len, top_k)
         return self._forward(ids, state).logits[0].to(F64)
 
     def logprobs(
@@ -283,6 +308,7 @@ class Reference:
         lm_infinite: LMInfinite | None = None,
         inv_freq_for_len: Callable[[int], torch.Tensor] | None = None,
         query_scale_for_len: Callable[[int], float] | None = None,
+        top_k: tuple[int, int, int, int, int] | None = None,
     ) -> torch.Tensor:
         """log_softmax of the next-token logits, [T, vocab] float64.
 
@@ -292,7 +318,7 @@ class Reference:
         to the whole sequence.
         """
         lg = self.logits(token_ids, lm_infinite=lm_infinite, inv_freq_for_len=inv_freq_for_len,
-                         query_scale_for_len=query_scale_for_len)
+                         query_scale_for_len=query_scale_for_len, top_k=top_k)
         return torch.log_softmax(lg, dim=-1)
 
     def greedy_generate(

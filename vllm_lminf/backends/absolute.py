@@ -35,7 +35,9 @@ from lminf_kernels.rope import RopeStyle, absolute_cos_sin, rotate
 
 from .. import vllm_compat
 from ..clex import clex_log_scale_tensor, clex_scale_index_tensor
-from .common import LambdaBackend, StepBatch, no_work, refuse_unsupported
+from lminf_kernels.topk import TopKRows
+
+from .common import LambdaBackend, StepBatch, group_top_k, no_work, refuse_unsupported, step_top_k
 
 from . import ABSOLUTE as NAME
 from . import ABSOLUTE_CLEX as CLEX_NAME
@@ -90,6 +92,10 @@ class Wave:
     inside_rows: torch.Tensor | None  # their rows within the wave, None: every row of the wave
     beyond: list[int]  # the other sequences: our kernel
     plan: QueryPlan | None  # our kernel's inputs for them
+    # Top-k layers: the step's rule (per wave sequence) and the plan of the beyond
+    # sequences without top-k rows (those with some run the torch code).
+    top_k: TopKRows | None = None
+    plan_without_top_k: QueryPlan | None = None
     # CLEX only (q and k arrive unrotated): per-row rotation (vLLM's rotary op over a
     # cos|sin table with one row per wave row, angles taken in float64) and query scale,
     # the wave's cache slots, and the cached keys to re-rotate before the wave because
@@ -118,6 +124,9 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
                for i in impls.values()):
             raise ValueError("vllm-lminf: all layers of one KV-cache group must share one Λ pattern and RoPE")
         self.pattern, self.inv_freq, self.clex = impl.pattern, impl.inv_freq, impl.clex
+        self.top_k = group_top_k(impls.values())
+        # plain Λ layers in this group need the plan for every beyond sequence
+        self.plain_layers = any(i.top_k is None for i in impls.values())
         if self.clex is not None:
             vllm_compat.track_prompt_lengths()
 
@@ -126,11 +135,12 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
         m = common_attn_metadata
         batch = StepBatch.of(m)
         if self.clex is None:
-            return AbsoluteMetadata(batch.num_actual_tokens, [self._wave(m, batch, None, self.inv_freq)])
+            top_k = step_top_k(self.top_k, m.num_reqs)
+            return AbsoluteMetadata(batch.num_actual_tokens, [self._wave(m, batch, None, self.inv_freq, top_k)])
         return AbsoluteMetadata(batch.num_actual_tokens, self._clex_waves(m, batch))
 
     def _wave(self, m: CommonAttentionMetadata, batch: StepBatch, rows: torch.Tensor | None,
-              inv_freq: torch.Tensor) -> Wave:
+              inv_freq: torch.Tensor, top_k: TopKRows | None) -> Wave:
         # A sequence no longer than the window has no global branch and a window that
         # covers everything: plain causal attention, vLLM's kernel.
         inside = [i for i, s in enumerate(batch.seq_lens) if s <= self.pattern.n_local]
@@ -142,9 +152,17 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
             else:
                 sub, inside_rows = _subset(m, batch, inside)
                 vllm_md = super().build(0, sub)
-        plan = QueryPlan.build(beyond, batch.query_start_loc, batch.seq_lens, self.pattern, inv_freq) \
-            if beyond else None
-        return Wave(rows, batch, inv_freq, vllm_md, inside_rows, beyond, plan)
+        def plan_of(seqs):
+            return QueryPlan.build(seqs, batch.query_start_loc, batch.seq_lens, self.pattern, inv_freq) \
+                if seqs else None
+
+        plan = plan_of(beyond) if self.top_k is None or self.plain_layers else None
+        wave = Wave(rows, batch, inv_freq, vllm_md, inside_rows, beyond, plan)
+        if top_k is not None and beyond:
+            wave.top_k = top_k
+            wave.plan_without_top_k = plan_of(
+                [i for i in beyond if not top_k.uses(i, batch.seq_lens[i] - 1, self.pattern)])
+        return wave
 
     def _clex_waves(self, m: CommonAttentionMetadata, batch: StepBatch) -> list[Wave]:
         """Wave w holds the w-th run of one t of every sequence (one wave but for a chunk
@@ -188,10 +206,11 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
             freqs = table[clex_scale_index_tensor(lengths_t, clex.original_len, clex.cfg.max_factor) - 1]
             # one run per sequence and no padding rows: the wave is the step itself, as vLLM described it
             every_row = w == 0 and all(len(r) == 1 for r in runs) and len(row_index) == batch.num_actual_tokens
+            top_k = step_top_k(self.top_k, m.num_reqs, owners)
             if every_row:
-                wave = self._wave(m, batch, None, freqs)
+                wave = self._wave(m, batch, None, freqs, top_k)
             else:
-                wave = self._wave(_pseudo(m, sub, m.slot_mapping[row_index]), sub, row_index, freqs)
+                wave = self._wave(_pseudo(m, sub, m.slot_mapping[row_index]), sub, row_index, freqs, top_k)
             # rotation of each row at its absolute position with its run's frequencies
             counts = torch.tensor([b - a for a, b in zip(wave_qsl, wave_qsl[1:])])
             positions = torch.cat([torch.arange(n - c, n) for n, c in zip(wave_lens, counts.tolist())])
@@ -243,10 +262,12 @@ def _pseudo(m: CommonAttentionMetadata, batch: StepBatch, slots: torch.Tensor) -
 
 class AbsoluteImpl(CPUAttentionBackendImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, *vllm_args,
-                 pattern: LambdaPattern, style: RopeStyle, inv_freq: torch.Tensor, clex=None, **vllm_kwargs) -> None:
+                 pattern: LambdaPattern, style: RopeStyle, inv_freq: torch.Tensor, clex=None, top_k=None,
+                 **vllm_kwargs) -> None:
         refuse_unsupported(*vllm_args, **vllm_kwargs)
         super().__init__(num_heads, head_size, scale, num_kv_heads, None, None, "auto")
         self.pattern, self.style, self.inv_freq, self.clex = pattern, style, inv_freq, clex
+        self.top_k = top_k  # TopKConfig when this layer attends the top-k middle keys
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: AbsoluteMetadata | None, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -291,9 +312,11 @@ class AbsoluteImpl(CPUAttentionBackendImpl):
                 out.index_copy_(0, wave.inside_rows, sub_out.to(out.dtype))
         if wave.beyond:
             b = wave.batch
+            top_k = wave.top_k if self.top_k is not None else None
             lambda_attention_absolute(q, kv_cache, b.block_table, b.query_start_loc, b.seq_lens,
                                       pattern=self.pattern, style=self.style, inv_freq=wave.inv_freq,
-                                      scale=self.scale, out=out, plan=wave.plan, sequences=wave.beyond)
+                                      scale=self.scale, out=out, sequences=wave.beyond, top_k=top_k,
+                                      plan=wave.plan if top_k is None else wave.plan_without_top_k)
 
 
 class AbsoluteBackend(LambdaBackend, CPUAttentionBackend):

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 
+from lminf_kernels.topk import TopKRows
+
+from .. import vllm_compat
+from ..config import TopKConfig
+
 
 @dataclass
 class StepBatch:
@@ -30,6 +35,34 @@ class StepBatch:
             query_start_loc_dev=m.query_start_loc[: m.num_reqs + 1],
             seq_lens_dev=m.seq_lens[: m.num_reqs],
         )
+
+
+def group_top_k(impls) -> TopKConfig | None:
+    """The top-k settings of the layers of one KV-cache group that use top-k (None: none
+    does). Called by a metadata builder: its step rule serves the group's top-k layers."""
+    settings = {impl.top_k for impl in impls if impl.top_k is not None}
+    if len(settings) > 1:
+        raise ValueError("vllm-lminf: the top-k layers of one KV-cache group must share one top_k setting")
+    top_k = settings.pop() if settings else None
+    if top_k is not None and top_k.rows == "last":
+        vllm_compat.track_prompt_lengths()
+    return top_k
+
+
+def step_top_k(top_k: TopKConfig | None, num_reqs: int, owners: list[int] | None = None) -> TopKRows | None:
+    """The step's top-k rule: per kernel sequence (request row, or with CLEX the request
+    row `owners[i]` of run i), the first position whose row uses top-k. "last": the last
+    prompt row and every generated row (P - 1 on, P the original prompt length, also when
+    a preempted request recomputes); "all": every row."""
+    if top_k is None:
+        return None
+    count = num_reqs if owners is None else len(owners)
+    if top_k.rows == "all":
+        first = [0] * count
+    else:
+        prompts = vllm_compat.prompt_lengths(num_reqs)
+        first = [p - 1 for p in (prompts if owners is None else [prompts[o] for o in owners])]
+    return TopKRows(top_k.k, top_k.distance, first)
 
 
 def refuse_unsupported(alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None,

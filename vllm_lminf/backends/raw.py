@@ -35,7 +35,9 @@ from lminf_kernels.raw_torch import lambda_paged_attention
 from lminf_kernels.rope import RopeStyle
 
 from .. import vllm_compat
-from .common import LambdaBackend, StepBatch, no_work, refuse_unsupported
+from lminf_kernels.topk import TopKRows
+
+from .common import LambdaBackend, StepBatch, group_top_k, no_work, refuse_unsupported, step_top_k
 
 from . import RAW as NAME
 KERNEL_ENV = "LMINF_RAW_KERNEL"  # "triton" forces the Triton kernel (tests, with TRITON_INTERPRET=1 on CPU)
@@ -69,13 +71,15 @@ class RawMetadata:
     batch: StepBatch  # the kernels' sequences (with CLEX: runs of query rows at one t)
     inv_freq: torch.Tensor  # [R/2] shared, or [len(batch.seq_lens), R/2] per sequence
     query_scale: list[float] | None  # per sequence (CLEX log_scale)
+    top_k: TopKRows | None = None  # the step's rule for the group's top-k layers
 
 
 class RawMetadataBuilder(AttentionMetadataBuilder[RawMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        sources = {id(layer.impl.rotary): layer.impl.rotary
-                   for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()}
+        impls = [layer.impl for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()]
+        sources = {id(impl.rotary): impl.rotary for impl in impls}
+        self.top_k = group_top_k(impls)
         self.rotary = next(iter(sources.values()))
         if any(r.clex is not self.rotary.clex or r.style != self.rotary.style for r in sources.values()):
             raise ValueError("vllm-lminf: all layers of one KV-cache group must share one RoPE")
@@ -88,7 +92,7 @@ class RawMetadataBuilder(AttentionMetadataBuilder[RawMetadata]):
         batch = StepBatch.of(m)
         clex = self.rotary.clex
         if clex is None:
-            return RawMetadata(batch, self.rotary.inv_freq, None)
+            return RawMetadata(batch, self.rotary.inv_freq, None, step_top_k(self.top_k, m.num_reqs))
         qsl, lens, owner, freqs, scale = clex.regroup(batch.query_start_loc, batch.seq_lens,
                                                       vllm_compat.prompt_lengths(m.num_reqs))
         device = batch.query_start_loc_dev.device
@@ -98,7 +102,7 @@ class RawMetadataBuilder(AttentionMetadataBuilder[RawMetadata]):
             query_start_loc_dev=torch.tensor(qsl, dtype=torch.int32, device=device),
             seq_lens_dev=torch.tensor(lens, dtype=torch.int32, device=device),
         )
-        return RawMetadata(runs, freqs.to(device), scale)
+        return RawMetadata(runs, freqs.to(device), scale, step_top_k(self.top_k, m.num_reqs, owner))
 
 
 def _use_triton(query: torch.Tensor) -> bool:
@@ -107,7 +111,7 @@ def _use_triton(query: torch.Tensor) -> bool:
 
 class RawImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, *vllm_args,
-                 pattern: LambdaPattern, rotary: RotarySource, **vllm_kwargs) -> None:
+                 pattern: LambdaPattern, rotary: RotarySource, top_k=None, **vllm_kwargs) -> None:
         refuse_unsupported(*vllm_args, **vllm_kwargs)
         self.num_heads = num_heads
         self.head_size = head_size
@@ -118,6 +122,7 @@ class RawImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         self.pattern = pattern
         self.rotary = rotary
+        self.top_k = top_k  # TopKConfig when this layer attends the top-k middle keys
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         store_kv(raw_views(kv_cache), slot_mapping, key, value)
@@ -130,17 +135,25 @@ class RawImpl(AttentionImpl):
         n = b.num_actual_tokens
         if n == 0:
             return output
+        kw = dict(pattern=self.pattern, style=self.rotary.style, inv_freq=attn_metadata.inv_freq,
+                  scale=self.scale, query_scale=attn_metadata.query_scale, out=output[:n])
+        top_k = attn_metadata.top_k if self.top_k is not None else None
         if _use_triton(query):
             # Imported on first use only: the CPU path must not need a working Triton.
-            from lminf_kernels.raw_triton import lambda_paged_attention_triton as attend
-            qsl, lens = b.query_start_loc_dev, b.seq_lens_dev
-        else:
-            attend, qsl, lens = lambda_paged_attention, b.query_start_loc, b.seq_lens
-        attend(
-            query[:n], kv_cache, b.block_table, qsl, lens,
-            pattern=self.pattern, style=self.rotary.style, inv_freq=attn_metadata.inv_freq,
-            scale=self.scale, query_scale=attn_metadata.query_scale, out=output[:n],
-        )
+            from lminf_kernels.raw_triton import lambda_paged_attention_triton
+            lambda_paged_attention_triton(query[:n], kv_cache, b.block_table, b.query_start_loc_dev, b.seq_lens_dev,
+                                          **kw)
+            if top_k is None:
+                return output
+            # The Triton kernel computes Λ only: the sequences with top-k rows are redone by the torch code.
+            redo = [i for i, s in enumerate(b.seq_lens) if b.query_start_loc[i + 1] > b.query_start_loc[i]
+                    and top_k.uses(i, s - 1, self.pattern)]
+            if not redo:
+                return output
+            lambda_paged_attention(query[:n], kv_cache, b.block_table, b.query_start_loc, b.seq_lens, top_k=top_k,
+                                   sequences=redo, **kw)
+            return output
+        lambda_paged_attention(query[:n], kv_cache, b.block_table, b.query_start_loc, b.seq_lens, top_k=top_k, **kw)
         return output
 
 
