@@ -18,6 +18,11 @@ request runs keep their hash but are reused first, before any block a finished r
 returned whole: what a follow-up turn needs (global blocks and the history's last window)
 then outlives the churn of other long requests.
 
+Top-k layers read their middle, so they keep every block (`KeepAllAttentionSpec`, vLLM's
+full-attention manager); they form their own KV-cache groups beside the Λ group (vLLM's
+hybrid coordinator), so start-up sizing, admission and preemption count both. Their prefix
+hits follow the whole-prefix rule; the Λ group's search runs within that limit.
+
 Under CLEX a block's KV depends on the scale t it was computed at (lower layers
 attended with that t); every row of a request up to its prompt length P runs at t(P),
 so prefix-cache hits are keyed by t(P), and by P itself when log_scale scales those rows'
@@ -38,9 +43,15 @@ from .vllm_compat import (
     ensure_builtin_kv_specs,
     free_blocks_in_range,
     key_prefix_cache,
+    look_up_lambda_groups_last,
     reword_kv_memory_error,
     set_admission_cap,
 )
+
+
+def _same_type(cls, specs) -> None:
+    # vLLM's grouping tries `merge` on mixed lists and reads an AssertionError as "not one group"
+    assert all(type(s) is cls for s in specs), f"{cls.__name__} merges only with its own kind"
 
 
 def _key_hits_by_clex_scale(clex_scale: tuple[int, int, bool] | None) -> None:
@@ -64,6 +75,7 @@ class ClexAttentionSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs: list[ClexAttentionSpec]) -> ClexAttentionSpec:
+        _same_type(cls, specs)
         scales = {getattr(s, "clex_scale", None) for s in specs}
         if len(scales) != 1 or None in scales:
             raise ValueError("all layers of one KV cache group must share one CLEX scale")
@@ -73,6 +85,29 @@ class ClexAttentionSpec(FullAttentionSpec):
 
 class ClexAttentionManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: ClexAttentionSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        _key_hits_by_clex_scale(kv_cache_spec.clex_scale)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeepAllAttentionSpec(FullAttentionSpec):
+    """A top-k layer beside Λ layers: it reads its middle, so it keeps every block; its
+    own spec type so that vLLM puts it in its own KV-cache groups."""
+
+    clex_scale: tuple[int, int, bool] | None = None
+
+    @classmethod
+    def merge(cls, specs: list[KeepAllAttentionSpec]) -> KeepAllAttentionSpec:
+        _same_type(cls, specs)
+        scales = {s.clex_scale for s in specs}
+        if len(scales) != 1:
+            raise ValueError("all layers of one KV cache group must share one CLEX scale")
+        base = FullAttentionSpec.merge(specs)
+        return cls(**{f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)}, clex_scale=scales.pop())
+
+
+class KeepAllAttentionManager(FullAttentionManager):
+    def __init__(self, kv_cache_spec: KeepAllAttentionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         _key_hits_by_clex_scale(kv_cache_spec.clex_scale)
 
@@ -99,6 +134,7 @@ class LambdaAttentionSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs: list[LambdaAttentionSpec]) -> LambdaAttentionSpec:
+        _same_type(cls, specs)
         own = {(s.n_global, s.n_local, s.in_flight_tokens, s.max_model_len, s.clex_scale)
                for s in specs if isinstance(s, LambdaAttentionSpec)}
         if len(own) != 1 or len(specs) != sum(isinstance(s, LambdaAttentionSpec) for s in specs):
@@ -207,7 +243,9 @@ def kv_cache_spec(stock: FullAttentionSpec, lminf, clex_scale: tuple[int, int, b
     keyed by t under CLEX, else vLLM's own (`stock`). keeps_middle: a top-k layer (it
     reads its middle, so it keeps every block)."""
     base = {f.name: getattr(stock, f.name) for f in fields(FullAttentionSpec)}
-    if lminf is not None and lminf.free_middle_blocks and not keeps_middle:
+    if lminf is not None and lminf.free_middle_blocks and keeps_middle:
+        return KeepAllAttentionSpec(**base, clex_scale=clex_scale)
+    if lminf is not None and lminf.free_middle_blocks:
         return LambdaAttentionSpec(
             **base, n_global=lminf.n_global, n_local=lminf.n_local,
             in_flight_tokens=vllm_config.max_in_flight_tokens,
@@ -220,13 +258,19 @@ def kv_cache_spec(stock: FullAttentionSpec, lminf, clex_scale: tuple[int, int, b
 
 def _pool_too_small(groups, usable_blocks: int) -> str | None:
     ours = [g.kv_cache_spec for g in groups if isinstance(g.kv_cache_spec, LambdaAttentionSpec)]
-    return too_small_message(ours[0], usable_blocks) if ours else None
+    if not ours or len(ours) != len(groups):  # other groups too (top-k layers): vLLM's message covers them
+        return None
+    return too_small_message(ours[0], usable_blocks)
 
 
 def register_kv_policy() -> None:
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     ensure_builtin_kv_specs()
-    for spec, manager in ((LambdaAttentionSpec, LambdaAttentionManager), (ClexAttentionSpec, ClexAttentionManager)):
-        KVCacheSpecRegistry.register(spec, manager, uniform_type_base_spec=FullAttentionSpec)
+    # Each spec is its own base: registered with FullAttentionSpec as base, vLLM would fold
+    # Λ and keep-all layers into one group and one manager.
+    for spec, manager in ((LambdaAttentionSpec, LambdaAttentionManager), (ClexAttentionSpec, ClexAttentionManager),
+                          (KeepAllAttentionSpec, KeepAllAttentionManager)):
+        KVCacheSpecRegistry.register(spec, manager)
     reword_kv_memory_error(_pool_too_small)
+    look_up_lambda_groups_last(lambda spec: isinstance(spec, LambdaAttentionSpec))

@@ -116,6 +116,37 @@ def reword_kv_memory_error(message_for: Callable) -> None:
 # -- model construction --------------------------------------------------------------------
 
 
+def look_up_lambda_groups_last(is_lambda: Callable) -> None:
+    """Why: vLLM's hybrid coordinator looks groups up in order, "full attention" first, and
+    cuts every FullAttentionSpec group's hit down to the final length, as if a shorter
+    prefix of a hit were a hit too. Λ specs subclass FullAttentionSpec but their hits are
+    not downward-closed (a shorter hit needs another window). With the Λ group looked up
+    last, given the keep-all groups' hit as its limit, the final length is its own, so
+    nothing cuts it. That takes one Λ group beside one kind of keep-all group (vLLM's
+    "simple hybrid": one pass); anything else is refused at start-up."""
+    from vllm.v1.core.kv_cache_coordinator import HybridKVCacheCoordinator
+
+    original = HybridKVCacheCoordinator.verify_and_split_kv_cache_groups
+    if getattr(original, "_lminf_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def wrapped(self) -> None:
+        original(self)
+        groups = self.attention_groups
+        if not any(is_lambda(g.spec) for g in groups):
+            return
+        if len(groups) != 2 or all(is_lambda(g.spec) for g in groups):
+            raise ValueError(
+                "vllm-lminf: prefix caching with lm_infinite layers supports one Λ KV-cache group beside one kind "
+                f"of full-attention group; got {[type(g.spec).__name__ for g in groups]}")
+        groups.sort(key=lambda g: bool(is_lambda(g.spec)))  # stable: the keep-all group first
+        self.full_attention_group_id = groups[0].group_ids[0]
+
+    wrapped._lminf_wrapped = True
+    HybridKVCacheCoordinator.verify_and_split_kv_cache_groups = wrapped
+
+
 def unregister_layer(vllm_config, layer_name: str) -> None:
     """Why: the stock Attention registered itself under its layer name; ours is built
     under the same name in its place, and vLLM refuses duplicate names."""

@@ -49,7 +49,9 @@ def track(llm, prompts, *, max_tokens, abort=None, poison=False, logprobs=True):
     from vllm import SamplingParams, TokensPrompt
 
     mgr = kv_manager(llm)
-    single = mgr.coordinator.single_type_managers[0]
+    managers = mgr.coordinator.single_type_managers
+    # the Λ group's manager when there is one (top-k layers add keep-all groups beside it)
+    single = next((m for m in managers if type(m).__name__ == "LambdaAttentionManager"), managers[0])
     pool = mgr.block_pool
     sched = _core(llm).scheduler
     free_start = pool.get_num_free_blocks()
@@ -60,6 +62,7 @@ def track(llm, prompts, *, max_tokens, abort=None, poison=False, logprobs=True):
     for name, ids in zip(names, prompts):
         llm.llm_engine.add_request(name, TokensPrompt(prompt_token_ids=ids), params)
     peak = {n: 0 for n in names}
+    peak_by_group = {n: [0] * len(managers) for n in names}
     preemptions = {}
     max_running = 0
     done = {}
@@ -78,6 +81,9 @@ def track(llm, prompts, *, max_tokens, abort=None, poison=False, logprobs=True):
                 continue
             held = sum(not b.is_null for b in single.req_to_blocks.get(rid, []))
             peak[key] = max(peak[key], held)
+            for g, m in enumerate(managers):
+                peak_by_group[key][g] = max(peak_by_group[key][g],
+                                            sum(not b.is_null for b in m.req_to_blocks.get(rid, [])))
             preemptions[key] = max(preemptions.get(key, 0), req.num_preemptions)
             i = names.index(key)
             mode = abort.get(i)
@@ -116,6 +122,8 @@ def track(llm, prompts, *, max_tokens, abort=None, poison=False, logprobs=True):
         "steps": steps,
         "max_running": max_running,
         "manager": type(single).__name__,
+        "group_managers": [type(m).__name__ for m in managers],
+        "peak_held_by_group": peak_by_group,
     }
 
 
@@ -194,3 +202,14 @@ def conversations(llm, results, *, first_turns, follow_ups, max_tokens, poison=F
     second = [serve(ids + f["tokens"] + new) for ids, f, new in zip(first_turns, first, follow_ups)]
     return {"first": first, "follow_up": second, "free_start": free_start, "free_end": pool.get_num_free_blocks(),
             "pool_blocks": pool.num_gpu_blocks}
+
+
+def kv_groups(llm, results):
+    """The KV-cache groups vLLM formed: per group its manager, spec type and layer indices."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    mgr = kv_manager(llm)
+    groups = mgr.kv_cache_config.kv_cache_groups
+    return [{"manager": type(m).__name__, "spec": type(g.kv_cache_spec).__name__,
+             "layers": sorted(extract_layer_index(n) for n in g.layer_names)}
+            for m, g in zip(mgr.coordinator.single_type_managers, groups)]
