@@ -12,7 +12,7 @@ from vllm_lminf.max_len import allowed_max_len
 
 
 def cfg(lminf=..., **kw):
-    base = dict(max_position_embeddings=4096, architectures=["LlamaForCausalLM"])
+    base = dict(max_position_embeddings=4096, architectures=["LlamaForCausalLM"], num_hidden_layers=30)
     base.update(kw)
     if lminf is not ...:
         base["lm_infinite"] = lminf
@@ -48,6 +48,34 @@ def test_bad_values_name_the_field(value, message):
     with pytest.raises(ValueError) as err:
         parse_lm_infinite(cfg(value))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ({"top_k": 0}, "lm_infinite.top_k must be an integer >= 1, got 0"),
+        ({"top_k": 2.5}, "lm_infinite.top_k must be an integer >= 1, got 2.5"),
+        ({"top_k": True}, "lm_infinite.top_k must be an integer >= 1, got True"),
+        ({"top_k": 5, "top_k_from_layer": 10, "top_k_to_layer": 10}, "top_k_from_layer=10 must be < top_k_to_layer=10"),
+        ({"top_k": 5, "top_k_from_layer": 30}, "top_k_from_layer=30 is past the model's last layer (29)"),
+        ({"top_k": 5, "top_k_to_layer": 31}, "top_k_to_layer=31 is past the model's layer count 30"),
+        ({"top_k": 5, "top_k_distance": 5000}, "top_k_distance=5000 exceeds the trained length"),
+        ({"top_k": 5, "top_k_rows": "first"}, "lm_infinite.top_k_rows must be one of ['last', 'all'], got 'first'"),
+        ({"top_k_rows": "all"}, "['top_k_rows'] only apply with lm_infinite.top_k"),
+    ],
+)
+def test_bad_top_k_values_name_the_field(value, message):
+    with pytest.raises(ValueError) as err:
+        parse_lm_infinite(cfg(value))
+    assert message in str(err.value)
+
+
+def test_top_k_defaults_follow_the_reference():
+    top_k = parse_lm_infinite(cfg({"top_k": 5})).top_k
+    assert (top_k.k, top_k.from_layer, top_k.to_layer, top_k.distance, top_k.rows) == (5, 4, 30, 2048, "last")
+    assert [i for i in range(30) if top_k.covers(i)] == list(range(4, 30))
+    far = parse_lm_infinite(cfg({"top_k": 5, "top_k_distance": 5000, "allow_untrained_distance": True}))
+    assert far.top_k.distance == 5000
 
 
 def test_untrained_distance_needs_opt_in():
