@@ -7,6 +7,10 @@ SmolLM2-135M's KV geometry (30 layers x 3 KV heads x 64, bfloat16). Stock vLLM i
 measured up to --stock-max-len (full attention prefill is quadratic on CPU); beyond it
 the stock count is cdiv(len, block) (exactly what it measured below), marked "computed".
 
+With top-k middle attention (issue 15) the top-k layers keep every block and the others
+free their middle: measured on the tiny model with layer 0 Λ and layer 1 top-k (one KV-cache
+group each), then weighed for SmolLM2 with the default layers (4 Λ + 26 top-k).
+
     python benchmarks/kv_memory.py [--quick] [--out runs/kv_memory]
 """
 
@@ -28,7 +32,9 @@ from helpers.engine import run_engine  # noqa: E402
 from helpers.tiny_checkpoint import make_tiny_llama  # noqa: E402
 
 BLOCK = 128
-SMOL_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 2  # layers * kv heads * head * (K,V) * bf16
+SMOL_LAYERS = 30
+SMOL_BYTES_PER_TOKEN = SMOL_LAYERS * 3 * 64 * 2 * 2  # layers * kv heads * head * (K,V) * bf16
+SMOL_TOP_K_FROM = 4  # the default top_k_from_layer: layers 0-3 Λ, 4-29 keep every block
 
 
 def measure(model, plugin, overrides, lengths, chunk, pool, max_len, concurrency):
@@ -54,7 +60,8 @@ def blocks_held(llm, results, *, lengths, concurrency) -> dict:
     n, count, decode = concurrency
     conc = probe.track(llm, [[5] * (n - 8)] * count, max_tokens=decode, logprobs=False)
     return {"per_length": [r["peak_held"]["r0"] for r in rows], "bound": rows[0]["bound"],
-            "max_running": conc["max_running"]}
+            "max_running": conc["max_running"], "group_managers": rows[0]["group_managers"],
+            "per_length_by_group": [r["peak_held_by_group"]["r0"] for r in rows]}
 
 
 def main(argv=None) -> int:
@@ -84,13 +91,20 @@ def main(argv=None) -> int:
         # trained length set past every length so stock vLLM accepts them all
         model = make_tiny_llama(Path(tmp) / "m", max_position_embeddings=max(lengths) + 64, seed=0)
         runs = {}
+        top_k = {"lm_infinite": dict(overrides["lm_infinite"], top_k=5, top_k_from_layer=1)}
         for name, plugin, ov, lens in tqdm([("plugin", True, overrides, lengths),
+                                             ("plugin_topk", True, top_k, lengths),
                                              ("stock", False, None, stock_lengths)], desc="engines"):
             runs[name] = measure(model, plugin, ov, lens, a.chunk, budget_blocks + 1, max(lengths) + 64,
                                  (min(check_len, max(lens)), n_req, decode))
     rows = []
+    tk = runs["plugin_topk"]
+    lam_group = tk["group_managers"].index("LambdaAttentionManager")
     for i, n in enumerate(lengths):
         ob = runs["plugin"]["per_length"][i]
+        # top-k: blocks of one Λ layer and of one top-k layer, weighed by SmolLM2's layer counts
+        lam_blocks, keep_blocks = tk["per_length_by_group"][i][lam_group], tk["per_length_by_group"][i][1 - lam_group]
+        topk_layer_blocks = SMOL_TOP_K_FROM * lam_blocks + (SMOL_LAYERS - SMOL_TOP_K_FROM) * keep_blocks
         if i < len(stock_lengths):
             stock_blocks, stock_how = runs["stock"]["per_length"][i], "measured"
         else:
@@ -102,6 +116,9 @@ def main(argv=None) -> int:
             "plugin_bytes_smollm2": ob * BLOCK * SMOL_BYTES_PER_TOKEN,
             "stock_bytes_smollm2": stock_blocks * BLOCK * SMOL_BYTES_PER_TOKEN,
             "plugin_max_concurrency": budget_blocks // ob,
+            "topk_lambda_blocks": lam_blocks, "topk_keep_blocks": keep_blocks,
+            "topk_bytes_smollm2": topk_layer_blocks * BLOCK * SMOL_BYTES_PER_TOKEN // SMOL_LAYERS,
+            "topk_max_concurrency": budget_blocks * SMOL_LAYERS // topk_layer_blocks,
             "stock_max_concurrency": budget_blocks // stock_blocks,
         })
     conc = {"plugin": runs["plugin"]["max_running"], "stock": runs["stock"]["max_running"]}
@@ -112,11 +129,13 @@ def main(argv=None) -> int:
                               "requests": n_req, "max_running": conc},
     }
     (a.out / "kv_memory.json").write_text(json.dumps(result, indent=2))
-    print(f"{'length':>8} {'stock MiB':>10} {'plugin MiB':>11} {'ratio':>6} {'stock conc':>10} {'plugin conc':>11}")
+    print(f"{'length':>8} {'stock MiB':>10} {'plugin MiB':>11} {'ratio':>6} {'top-k MiB':>10} {'stock conc':>10} "
+          f"{'plugin conc':>11} {'top-k conc':>10}")
     for r in rows:
         print(f"{r['length']:>8} {r['stock_bytes_smollm2'] / 2**20:>10.0f}{'*' if r['stock'] == 'computed' else ' '}"
               f"{r['plugin_bytes_smollm2'] / 2**20:>10.0f} {r['stock_blocks'] / r['plugin_blocks']:>6.1f}"
-              f" {r['stock_max_concurrency']:>10} {r['plugin_max_concurrency']:>11}")
+              f" {r['topk_bytes_smollm2'] / 2**20:>10.0f} {r['stock_max_concurrency']:>10}"
+              f" {r['plugin_max_concurrency']:>11} {r['topk_max_concurrency']:>10}")
     print(f"(* computed: cdiv(len, {BLOCK}) blocks)  concurrency check on the {budget_blocks}-block pool, "
           f"{n_req} requests submitted: plugin ran {conc['plugin']} at once ({check_len} tokens each), "
           f"stock {conc['stock']} ({min(check_len, max(stock_lengths))} tokens each)")
@@ -136,6 +155,7 @@ def plot(result, path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot(x, [r["stock_bytes_smollm2"] / 2**20 for r in rows], "o-", label="stock vLLM")
     ax1.plot(x, [r["plugin_bytes_smollm2"] / 2**20 for r in rows], "s-", label="vllm-lminf")
+    ax1.plot(x, [r["topk_bytes_smollm2"] / 2**20 for r in rows], "^-", label="vllm-lminf, top-k (layers 4-29 keep all)")
     for r in rows:
         if r["stock"] == "computed":
             ax1.plot([r["length"]], [r["stock_bytes_smollm2"] / 2**20], "o", mfc="white", color="C0")
@@ -144,6 +164,7 @@ def plot(result, path):
     ax1.legend()
     ax2.plot(x, [r["stock_max_concurrency"] for r in rows], "o-", label="stock vLLM")
     ax2.plot(x, [r["plugin_max_concurrency"] for r in rows], "s-", label="vllm-lminf")
+    ax2.plot(x, [r["topk_max_concurrency"] for r in rows], "^-", label="vllm-lminf, top-k")
     ax2.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="max concurrent sequences",
             title=f"concurrency in a {result['budget_gib']:g} GiB KV budget")
     ax2.legend()

@@ -10,6 +10,7 @@ the plugin at several settings, in one run.
 
     python benchmarks/quality.py [--quick] [--ppl-len 16384] [--docs 3]
         [--passkey-lengths 4096,8192,16384] [--passkey-samples 20]
+        [--setting 'NAME={"n_global": 10, "top_k": 5}' ...]   (more plugin settings, by their lm_infinite)
 """
 
 from __future__ import annotations
@@ -48,7 +49,28 @@ def settings(trained: int, quick: bool):
         out[f"G{g}_W{trained // 1024}K"] = (True, {"lm_infinite": {"n_global": g}})
     for w in (2048, 4096):
         out[f"G10_W{w // 1024}K"] = (True, {"lm_infinite": {"n_global": 10, "n_local": w, "distance_limit": w}})
+    # top-k middle attention at the plugin's defaults (issue 15): exact, per row of the answer
+    out[f"G10_W{trained // 1024}K_topk"] = (True, {"lm_infinite": {"n_global": 10, "top_k": DEFAULT_TOP_K}})
+    out[f"G10_W{trained // 1024}K_topk_all"] = (True, {"lm_infinite": {"n_global": 10, "top_k": DEFAULT_TOP_K,
+                                                                        "top_k_rows": "all"}})
     return out
+
+
+DEFAULT_TOP_K = 5  # the reference's default
+
+
+def extra_setting(text: str) -> tuple[str, tuple[bool, dict]]:
+    """--setting NAME=JSON: a plugin setting given by its lm_infinite mapping."""
+    name, sep, body = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--setting must be NAME=JSON (the lm_infinite mapping), got {text!r}")
+    try:
+        lminf = json.loads(body)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--setting {name}: not JSON ({err})") from None
+    if not isinstance(lminf, dict):
+        raise SystemExit(f"--setting {name}: the lm_infinite mapping must be a JSON object, got {body!r}")
+    return name, (True, {"lm_infinite": lminf})
 
 
 def load_texts(data_dir: Path | None) -> list[str]:
@@ -110,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-gib", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path("runs/quality"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--setting", action="append", default=[], metavar="NAME=JSON",
+                    help="another plugin setting, by its lm_infinite mapping (repeatable)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the parts already in OUT/quality.json (same protocol) and run the rest")
     a = ap.parse_args(argv)
@@ -135,6 +159,7 @@ def main(argv=None) -> int:
     rngs = {n: random.Random(f"{a.seed}:{n}") for n in p_lengths}
     passkeys = [(n, *make_passkey(tok, n, rngs[n])) for n in p_lengths for _ in range(a.passkey_samples)]
     all_settings = settings(trained, a.quick)
+    all_settings.update(extra_setting(t) for t in a.setting)
     chosen = a.settings.split(",") if a.settings else list(all_settings)
     unknown = [n for n in chosen if n not in all_settings]
     if unknown:

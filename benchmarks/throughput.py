@@ -42,8 +42,11 @@ def measure(llm, results, *, cfg: dict) -> list[dict]:
     from helpers import probe
 
     mgr = probe.kv_manager(llm)
-    single = mgr.coordinator.single_type_managers[0]
-    page_bytes = single.kv_cache_spec.page_size_bytes * cfg["num_layers"]
+    managers = mgr.coordinator.single_type_managers
+    groups = mgr.kv_cache_config.kv_cache_groups
+    # a pool block holds one page for each layer of a group (hybrid groups share the pool:
+    # a block costs the largest group's layers; one group: every layer)
+    page_bytes = managers[0].kv_cache_spec.page_size_bytes * max(len(g.layer_names) for g in groups)
     rows = []
     warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     llm.llm_engine.add_request("warm", TokensPrompt(prompt_token_ids=[7] * 64), warm)
@@ -61,7 +64,8 @@ def measure(llm, results, *, cfg: dict) -> list[dict]:
             first, peak = None, 0
             while llm.llm_engine.has_unfinished_requests():
                 llm.llm_engine.step()
-                held = sum(sum(not blk.is_null for blk in blocks) for blocks in single.req_to_blocks.values())
+                held = sum(sum(not blk.is_null for blk in blocks)
+                           for m in managers for blocks in m.req_to_blocks.values())
                 peak = max(peak, held)
                 sched = probe._core(llm).scheduler
                 if first is None and all(r.num_output_tokens > 0 for r in sched.running) and not sched.waiting:
@@ -74,7 +78,7 @@ def measure(llm, results, *, cfg: dict) -> list[dict]:
     return rows
 
 
-CONFIG_NAMES = ("stock", "lminf", "stock_swa", "clex", "yarn")
+CONFIG_NAMES = ("stock", "lminf", "lminf_topk", "stock_swa", "clex", "yarn")
 
 
 def configs(window: int, n_global: int, trained: int, factor: int, rope_theta: float):
@@ -86,6 +90,8 @@ def configs(window: int, n_global: int, trained: int, factor: int, rope_theta: f
     return {
         "stock": dict(plugin=False, overrides={}),
         "lminf": dict(plugin=True, overrides={"lm_infinite": lminf}),
+        # exact top-k middle attention at the plugin's defaults (k 5, layers 4.., last rows)
+        "lminf_topk": dict(plugin=True, overrides={"lm_infinite": dict(lminf, top_k=5)}),
         "stock_swa": dict(plugin=False, overrides={"sliding_window": window}),
         "clex": dict(plugin=True, overrides={}, clex=True),
         # YaRN configs carry the scaled length in max_position_embeddings (as vLLM and
