@@ -71,6 +71,9 @@ def install(model: nn.Module, vllm_config: VllmConfig, *, lminf: LMInfiniteConfi
     # steps up, which blocks shared through the prefix cache must never see: with prefix
     # caching on, CLEX takes the raw-key path (exact as well, slower).
     prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
+    if clex is not None and lminf is not None and lminf.top_k is not None and lminf.top_k.blocks:
+        raise ValueError("vllm-lminf: lm_infinite.top_k_blocks (block mode) is not supported with CLEX "
+                         "checkpoints; use lm_infinite.top_k (exact mode)")
     count = 0
     for module in list(model.modules()):
         stock = getattr(module, "attn", None)

@@ -16,6 +16,8 @@ Top-k middle attention (LM-Infinite's retrieval variant; off unless `top_k` is s
     top_k_distance   rotary distance the middle keys are scored and seen at (default d // 2)
     top_k_rows       "last": the last prompt row and every generated row (the reference);
                      "all": every row (prompt logprobs, perplexity)          (default "last")
+    top_k_blocks     block mode instead of `top_k`: attend the middle tokens of the K KV blocks
+                     with the best logit bound (per-block key min/max)       (int >= 1)
 Top-k layers keep their whole KV (their middle is read); the other layers keep freeing it.
 
 L is the checkpoint's trained length (`max_position_embeddings`).
@@ -43,7 +45,7 @@ CONFIG_KEY = "lm_infinite"
 DEFAULT_N_GLOBAL = 10
 _INT_FIELDS = {"n_global": 0, "n_local": 1, "distance_limit": 1}
 _BOOL_FIELDS = ("allow_untrained_distance", "free_middle_blocks")
-_TOP_K_FIELDS = ("top_k", "top_k_from_layer", "top_k_to_layer", "top_k_distance", "top_k_rows")
+_TOP_K_FIELDS = ("top_k", "top_k_blocks", "top_k_from_layer", "top_k_to_layer", "top_k_distance", "top_k_rows")
 TOP_K_ROWS = ("last", "all")
 DEFAULT_TOP_K_FROM_LAYER = 4
 
@@ -57,6 +59,7 @@ class TopKConfig:
     to_layer: int
     distance: int
     rows: str  # "last" | "all"
+    blocks: bool = False  # block mode: k counts KV blocks (`top_k_blocks`)
 
     def covers(self, layer: int) -> bool:
         return self.from_layer <= layer < self.to_layer
@@ -150,11 +153,16 @@ def _layer_count(hf_config: Any) -> int:
 
 def _parse_top_k(raw: dict, hf_config: Any, distance_limit: int, length: int,
                  allow_untrained: bool) -> TopKConfig | None:
-    if "top_k" not in raw:
+    if "top_k" in raw and "top_k_blocks" in raw:
+        raise ValueError(f"{CONFIG_KEY}: set either top_k (exact: k middle keys) or top_k_blocks (block mode: "
+                         "k middle blocks), not both")
+    if "top_k" not in raw and "top_k_blocks" not in raw:
         given = sorted(set(raw) & set(_TOP_K_FIELDS))
         if given:
-            raise ValueError(f"{CONFIG_KEY}: {given} only apply with {CONFIG_KEY}.top_k (an integer >= 1) set")
+            raise ValueError(f"{CONFIG_KEY}: {given} only apply with {CONFIG_KEY}.top_k or top_k_blocks "
+                             "(an integer >= 1) set")
         return None
+    blocks = "top_k_blocks" in raw
 
     def integer(name: str, lo: int, default: int) -> int:
         val = raw.get(name, default)
@@ -163,7 +171,7 @@ def _parse_top_k(raw: dict, hf_config: Any, distance_limit: int, length: int,
         return val
 
     layers = _layer_count(hf_config)
-    k = integer("top_k", 1, 0)
+    k = integer("top_k_blocks" if blocks else "top_k", 1, 0)
     from_layer = integer("top_k_from_layer", 0, DEFAULT_TOP_K_FROM_LAYER)
     to_layer = integer("top_k_to_layer", 1, layers)
     if from_layer >= layers:
@@ -183,4 +191,4 @@ def _parse_top_k(raw: dict, hf_config: Any, distance_limit: int, length: int,
     rows = raw.get("top_k_rows", "last")
     if rows not in TOP_K_ROWS:
         raise ValueError(f"{CONFIG_KEY}.top_k_rows must be one of {list(TOP_K_ROWS)}, got {rows!r}")
-    return TopKConfig(k=k, from_layer=from_layer, to_layer=to_layer, distance=distance, rows=rows)
+    return TopKConfig(k=k, from_layer=from_layer, to_layer=to_layer, distance=distance, rows=rows, blocks=blocks)

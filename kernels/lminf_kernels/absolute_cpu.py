@@ -27,7 +27,7 @@ from .paged import (absolute_views, attend_local, band_mask, from_head_rows,
 from .pattern import UNBOUNDED, LambdaPattern
 from .raw_torch import DEFAULT_QUERY_TILE
 from .rope import RopeStyle, absolute_cos_sin, rotate
-from .topk import TopKRows, attend_middle, merge_partials, row_rule
+from .topk import TopKRows, attend_middle, attend_middle_blocks, merge_partials, row_rule, summarize_blocks
 
 # Keys per work item of the C++ kernel when few queries must share the cores (decode: one
 # long window split across cores); with many queries (prefill) each tile takes whole windows.
@@ -56,10 +56,37 @@ def _middle_keys(views, row, hi: int, pattern: LambdaPattern, style: RopeStyle, 
     return rotate(k_mid.to(torch.float32), c, s, style), v_mid.to(torch.float32)
 
 
+def _absolute_fetch(views, block_row: torch.Tensor, block_size: int, style: RopeStyle, inv_freq: torch.Tensor):
+    """Block mode: a sequence's logical blocks [H, r, k] -> their keys rotated back to raw
+    and their values, [H, r, k, B, D] float32."""
+    keys, values = views
+    heads = torch.arange(keys.shape[1])[:, None, None]
+
+    def fetch(logical: torch.Tensor):
+        ids = block_row[logical].long()
+        c, s = absolute_cos_sin(-(logical[..., None] * block_size + torch.arange(block_size)), inv_freq)
+        return rotate(keys[ids, heads].to(torch.float32), c, s, style), values[ids, heads].to(torch.float32)
+
+    return fetch
+
+
+def update_block_summaries(kv_cache: torch.Tensor, summary: torch.Tensor, filled, style: RopeStyle,
+                           inv_freq: torch.Tensor) -> None:
+    """Block mode: summarize the blocks this step filled, their keys rotated back to raw.
+    inv_freq: [R/2], or [num_seqs, R/2] (indexed by the filled blocks' sequences)."""
+    ids, first, seq = filled
+    if not len(ids):
+        return
+    keys = absolute_views(kv_cache)[0][ids]  # [n, H, B, D] rotated at absolute positions
+    freq = inv_freq if inv_freq.dim() == 1 else inv_freq[seq][:, None, :]
+    c, s = absolute_cos_sin(-(first[:, None] + torch.arange(keys.shape[2])), freq)  # [n, B, R/2]
+    summary[ids] = summarize_blocks(rotate(keys.to(torch.float32), c[:, None], s[:, None], style))
+
+
 def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale, out, query_tile,
-                top_k: tuple[int, int, int] | None = None):
-    """Λ attention of one sequence's consecutive queries [first_pos, first_pos + T).
-    top_k = (k, distance, first position whose row uses it), or None."""
+                top_k: TopKRows | None = None, seq: int = 0, block_summary: torch.Tensor | None = None):
+    """Λ attention of one sequence's consecutive queries [first_pos, first_pos + T); with
+    `top_k`, sequence `seq` of that rule (block mode reads `block_summary`)."""
     tq_all, hq, dh = query.shape
     hkv = kv_cache.shape[1]
     group = hq // hkv
@@ -68,8 +95,9 @@ def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale
     k_span, v_span = gather_span(views, row, span_lo, first_pos + tq_all)
     # contiguous copies: torch's CPU flash kernel misreads some strided K/V views
     k_span, v_span = k_span.to(torch.float32).contiguous(), v_span.to(torch.float32).contiguous()
-    middle = None if top_k is None else _middle_keys(views, row, first_pos + tq_all - pattern.n_local, pattern,
-                                                     style, inv_freq)
+    middle = None
+    if top_k is not None and not top_k.blocks:
+        middle = _middle_keys(views, row, first_pos + tq_all - pattern.n_local, pattern, style, inv_freq)
     for t0 in range(0, tq_all, query_tile):
         t1 = min(tq_all, t0 + query_tile)
         tq = t1 - t0
@@ -80,13 +108,19 @@ def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale
         keys = slice(lo - span_lo, pb + 1 - span_lo)
         mask = band_mask(pa, pb, lo, pattern.n_local, group) if tq > 1 else None
         res, lse = attend_local(q_heads, k_span[:, keys], v_span[:, keys], mask, scale)
-        if middle is not None:
+        if top_k is not None:
             # R(distance - p) R(p) q = R(distance) q_raw, against the raw middle keys
             pos = torch.arange(pa, pb + 1)
-            c, s = absolute_cos_sin(top_k[1] - pos, inv_freq)
+            c, s = absolute_cos_sin(top_k.distance - pos, inv_freq)
             q_mid = to_head_rows(rotate(q, c[:, None], s[:, None], style), hkv).reshape(hkv, group * tq, dh)
-            counts, use = row_rule(pos, top_k[2], top_k[0], pattern, group)
-            res, lse = merge_partials(res, lse, *attend_middle(q_mid, *middle, counts, use, top_k[0], scale))
+            counts, use = row_rule(pos, top_k.first_pos[seq], top_k.k, pattern, group)
+            if top_k.blocks:
+                fetch = _absolute_fetch(views, row, top_k.block_size, style, inv_freq)
+                part = attend_middle_blocks(q_mid, block_summary, row, fetch, (pos - pattern.n_local).repeat(group),
+                                            use, top_k.k, scale, top_k.block_size, pattern.n_global)
+            else:
+                part = attend_middle(q_mid, *middle, counts, use, top_k.k, scale)
+            res, lse = merge_partials(res, lse, *part)
         g_hi = pattern.global_end(pb)
         if g_hi > 0:
             k_g, v_g = gather_span(views, row, 0, g_hi)
@@ -160,7 +194,8 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
                               style: RopeStyle, inv_freq: torch.Tensor, scale: float,
                               out: torch.Tensor | None = None, query_tile: int = DEFAULT_QUERY_TILE,
                               use_extension: bool = True, plan: QueryPlan | None = None,
-                              sequences: list[int] | None = None, top_k: TopKRows | None = None) -> torch.Tensor:
+                              sequences: list[int] | None = None, top_k: TopKRows | None = None,
+                              block_summary: torch.Tensor | None = None) -> torch.Tensor:
     """Λ attention for a batch (prefill chunks and decodes mixed).
 
     query: [T, Hq, D] rotated at absolute positions (`absolute_cos_sin`), sequence i
@@ -171,7 +206,8 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
     `QueryPlan` for exactly the `sequences` without top-k rows (built here when not given).
     sequences: compute only these (others' output rows are left untouched).
     use_extension=False: torch only. top_k: the step's top-k rule (None: Λ only); the
-    sequences with rows that use it run the torch code.
+    sequences with rows that use it run the torch code. block_summary: the layer's block
+    summaries (block mode, `update_block_summaries`).
     """
     if out is None:
         out = torch.empty_like(query)
@@ -190,9 +226,8 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
     for i in plain + with_top_k:
         a, b = query_start_loc[i], query_start_loc[i + 1]
         freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
-        rule = (top_k.k, top_k.distance, top_k.first_pos[i]) if i in with_top_k else None
         _torch_rows(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq, scale,
-                    out[a:b], query_tile, rule)
+                    out[a:b], query_tile, top_k if i in with_top_k else None, i, block_summary)
     return out
 
 

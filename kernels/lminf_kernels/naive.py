@@ -42,14 +42,17 @@ def lambda_attention_dense(
     dtype: torch.dtype = torch.float64,
     top_k: tuple[int, int] | None = None,
     top_k_rows: torch.Tensor | None = None,
+    top_k_block_size: int | None = None,
 ) -> torch.Tensor:
     """Λ attention of raw queries over raw keys/values of one sequence.
 
     q: [Tq, Hq, D] (before rotation), k/v: [S, Hkv, D] for key positions 0..S-1,
     q_pos: [Tq] query positions (< S). top_k = (k, distance): rows flagged in top_k_rows
     [Tq] bool (default: all) whose middle holds >= k keys also see, per query head, the k
-    middle keys with the largest logit at `distance`, at that logit. Returns [Tq, Hq, Dv]
-    in `dtype`.
+    middle keys with the largest logit at `distance`, at that logit. With top_k_block_size
+    (block mode) k counts blocks: the k middle blocks with the largest bound
+    sum_c max(q_c max_c, q_c min_c) (q rotated by `distance`, min/max over the block's raw
+    keys) give all their middle keys, at `distance`. Returns [Tq, Hq, Dv] in `dtype`.
     """
     tq, hq, _ = q.shape
     s, hkv, _ = k.shape
@@ -64,15 +67,17 @@ def lambda_attention_dense(
     logits = logits.masked_fill((dist < 0)[None], float("-inf"))
     if top_k is not None:
         logits = _with_top_k(logits, q, k_rep, q_pos, pattern, style, inv_freq.to(dtype), scale, *top_k,
-                             torch.ones(tq, dtype=torch.bool) if top_k_rows is None else top_k_rows)
+                             torch.ones(tq, dtype=torch.bool) if top_k_rows is None else top_k_rows,
+                             top_k_block_size)
     probs = torch.softmax(logits, dim=-1)
     probs = torch.nan_to_num(probs)  # a query with no key (cannot happen for p >= 0) stays 0
     v_rep = v.to(dtype).repeat_interleave(group, dim=1)
     return torch.einsum("hts,shd->thd", probs, v_rep)
 
 
-def _with_top_k(logits, q, k_rep, q_pos, pattern, style, inv_freq, scale, k, distance, rows):
-    """Λ logits [Hq, Tq, S] with each flagged row's k best middle logits (per head) filled in."""
+def _with_top_k(logits, q, k_rep, q_pos, pattern, style, inv_freq, scale, k, distance, rows, block_size=None):
+    """Λ logits [Hq, Tq, S] with each flagged row's k best middle logits (per head) filled in
+    (block mode: the middle logits of its k best blocks)."""
     c, sn = cos_sin(torch.tensor(distance), inv_freq)
     q_d = rotate(q, c, sn, style)  # every middle key is seen at the same distance
     mid_logits = torch.einsum("thd,shd->hts", q_d, k_rep) * scale
@@ -82,6 +87,20 @@ def _with_top_k(logits, q, k_rep, q_pos, pattern, style, inv_freq, scale, k, dis
     out = logits.clone()
     for t in range(q.shape[0]):
         keys = torch.nonzero(middle[t]).flatten()
+        if block_size is not None:
+            blocks = sorted({int(j) // block_size for j in keys})
+            if not bool(rows[t]) or len(blocks) < k:
+                continue
+            for h in range(q.shape[1]):
+                bound = []
+                for b in blocks:
+                    kb = k_rep[b * block_size:(b + 1) * block_size, h]  # the whole block, filled
+                    lo, hi = kb.min(0).values, kb.max(0).values
+                    bound.append(float(torch.maximum(q_d[t, h] * hi, q_d[t, h] * lo).sum()))
+                best = [blocks[i] for i in sorted(range(len(blocks)), key=lambda i: -bound[i])[:k]]
+                chosen = keys[torch.tensor([int(j) // block_size in best for j in keys])]
+                out[h, t, chosen] = mid_logits[h, t, chosen]
+            continue
         if not bool(rows[t]) or len(keys) < k:
             continue
         for h in range(q.shape[1]):
@@ -104,7 +123,8 @@ def lambda_paged_attention_naive(query: torch.Tensor, kv_cache: torch.Tensor, bl
                                  query_start_loc: list[int], seq_lens: list[int], *, pattern: LambdaPattern,
                                  style: RopeStyle, inv_freq: torch.Tensor, scale: float,
                                  query_scale: list[float] | None = None,
-                                 top_k: tuple[int, int, list[int]] | None = None) -> torch.Tensor:
+                                 top_k: tuple[int, int, list[int]] | None = None,
+                                 top_k_block_size: int | None = None) -> torch.Tensor:
     """Reference for the paged entry point: gathers every token of each sequence
     (the fast paths must not) and runs the dense reference. top_k = (k, distance,
     first_pos per sequence): rows at positions >= first_pos may use top-k. Returns float64."""
@@ -121,6 +141,6 @@ def lambda_paged_attention_naive(query: torch.Tensor, kv_cache: torch.Tensor, bl
             query[a:b], k, v, q_pos, pattern=pattern, style=style, inv_freq=freq, scale=scale,
             query_scale=1.0 if query_scale is None else query_scale[i],
             top_k=None if top_k is None else top_k[:2],
-            top_k_rows=None if top_k is None else q_pos >= top_k[2][i],
+            top_k_rows=None if top_k is None else q_pos >= top_k[2][i], top_k_block_size=top_k_block_size,
         )
     return out

@@ -19,7 +19,7 @@ from .paged import (attend_local, band_mask, from_head_rows, gather_span,
                     global_seen, merge_global, raw_views, to_head_rows)
 from .pattern import LambdaPattern
 from .rope import RopeStyle, cos_sin, cos_sin_table, rotate
-from .topk import TopKRows, attend_middle, merge_partials, row_rule
+from .topk import TopKRows, attend_middle, attend_middle_blocks, merge_partials, row_rule, summarize_blocks
 
 DEFAULT_QUERY_TILE = 256
 
@@ -29,7 +29,8 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            style: RopeStyle, inv_freq: torch.Tensor, scale: float,
                            query_scale: list[float] | None = None, out: torch.Tensor | None = None,
                            query_tile: int = DEFAULT_QUERY_TILE, top_k: TopKRows | None = None,
-                           sequences: list[int] | None = None) -> torch.Tensor:
+                           sequences: list[int] | None = None,
+                           block_summary: torch.Tensor | None = None) -> torch.Tensor:
     """Λ attention for a batch of sequences (prefill chunks and decodes mixed).
 
     query: [T, Hq, D] raw queries, sequence i owning rows
@@ -38,8 +39,9 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     last dim, already holding this step's keys. block_table: [num_seqs, max_blocks].
     inv_freq: [R/2] shared, or [num_seqs, R/2] per sequence (CLEX). query_scale:
     per-sequence query multiplier (CLEX log scale). top_k: the step's top-k rule (None:
-    Λ only). sequences: compute only these (others' rows are left untouched). Computes in
-    float32.
+    Λ only). sequences: compute only these (others' rows are left untouched).
+    block_summary: the layer's block summaries (block mode, `update_block_summaries`).
+    Computes in float32.
     """
     num_tokens, hq, dh = query.shape
     hkv = kv_cache.shape[1]
@@ -68,10 +70,13 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         v_span = v_span.to(torch.float32)
         middle = None
         if top_k is not None and top_k.uses(i, seq_len - 1, pattern):
-            # raw middle keys, scored by queries rotated by the top-k distance
-            k_mid, v_mid = gather_span(views, row, pattern.n_global, seq_len - pattern.n_local)
+            # middle keys (raw), scored by queries rotated by the top-k distance
             dcos, dsin = cos_sin(torch.tensor(top_k.distance), freq)
-            middle = (k_mid.to(torch.float32), v_mid.to(torch.float32), dcos, dsin)
+            if top_k.blocks:
+                middle = (None, None, dcos, dsin)
+            else:
+                k_mid, v_mid = gather_span(views, row, pattern.n_global, seq_len - pattern.n_local)
+                middle = (k_mid.to(torch.float32), v_mid.to(torch.float32), dcos, dsin)
         for t0 in range(a, b, query_tile):
             t1 = min(b, t0 + query_tile)
             pa, pb = first_pos + (t0 - a), first_pos + (t1 - a) - 1
@@ -91,7 +96,13 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                 k_mid, v_mid, dcos, dsin = middle
                 counts, use = row_rule(torch.arange(pa, pb + 1), top_k.first_pos[i], top_k.k, pattern, group)
                 q_mid = rotate(q_heads, dcos, dsin, style).reshape(hkv, group * tq, dh)
-                res, lse = merge_partials(res, lse, *attend_middle(q_mid, k_mid, v_mid, counts, use, top_k.k, scale))
+                if top_k.blocks:
+                    last_mid = (torch.arange(pa, pb + 1) - pattern.n_local).repeat(group)
+                    part = attend_middle_blocks(q_mid, block_summary, row, _raw_fetch(views, row), last_mid, use,
+                                                top_k.k, scale, top_k.block_size, pattern.n_global)
+                else:
+                    part = attend_middle(q_mid, k_mid, v_mid, counts, use, top_k.k, scale)
+                res, lse = merge_partials(res, lse, *part)
 
             g_hi = pattern.global_end(pb)
             if g_hi > 0:
@@ -103,3 +114,22 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
 
             out[t0:t1] = from_head_rows(res, tq)
     return out
+
+
+def _raw_fetch(views, block_row: torch.Tensor):
+    """Block mode: the raw keys and values of a sequence's logical blocks [H, r, k] -> [H, r, k, B, D]."""
+    keys, values = views
+    heads = torch.arange(keys.shape[1])[:, None, None]
+
+    def fetch(logical: torch.Tensor):
+        ids = block_row[logical].long()
+        return keys[ids, heads].to(torch.float32), values[ids, heads].to(torch.float32)
+
+    return fetch
+
+
+def update_block_summaries(kv_cache: torch.Tensor, summary: torch.Tensor, filled) -> None:
+    """Block mode: summarize the blocks this step filled (raw keys)."""
+    ids = filled[0]
+    if len(ids):
+        summary[ids] = summarize_blocks(raw_views(kv_cache)[0][ids])

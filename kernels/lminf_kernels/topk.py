@@ -7,9 +7,17 @@ at that logit, in the same softmax as its global and window keys. A row whose mi
 fewer than `k` keys is plain Λ. Which rows use it is the caller's choice (`TopKRows`):
 the reference applies it to the last prompt row and every generated row.
 
-The torch paths (`raw_torch`, `absolute_cpu`) call `attend_middle` for a tile of rows
-after their local softmax and merge with `merge_partials`; `naive.py` is the dense
-reference.
+Block mode (`TopKRows.blocks`, beyond the reference): each full KV block keeps a summary
+of its raw keys per KV head (element-wise min and max, as Quest does), written once when the
+block fills. A row scores each middle block by the upper bound of its logits at the scoring
+distance, sum_c max(q_c * max_c, q_c * min_c), keeps the `k` best blocks per query head and
+attends their middle tokens, each seen at the scoring distance (as exact mode sees its keys).
+A row whose middle touches fewer than `k` blocks is plain Λ. Per row the work is
+O(middle blocks + k * block_size), not O(middle keys).
+
+The torch paths (`raw_torch`, `absolute_cpu`) call `attend_middle` / `attend_middle_blocks`
+for a tile of rows after their local softmax and merge with `merge_partials`; `naive.py` is
+the dense reference.
 """
 
 from __future__ import annotations
@@ -32,16 +40,37 @@ class TopKRows:
     k: int
     distance: int
     first_pos: list[int]
+    blocks: bool = False  # block mode: k counts blocks of `block_size` tokens
+    block_size: int = 0
+    # block mode: the blocks this step fills (ids, first positions, sequence), to summarize
+    filled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def uses(self, i: int, last_pos: int, pattern: LambdaPattern) -> bool:
         """Whether any row of sequence i, whose last query is at `last_pos`, uses top-k."""
-        return last_pos >= self.first_pos[i] and middle_count(last_pos, pattern) >= self.k
+        if last_pos < self.first_pos[i]:
+            return False
+        if self.blocks:
+            return middle_blocks(last_pos, pattern, self.block_size) >= self.k
+        return middle_count(last_pos, pattern) >= self.k
 
 
 def middle_count(p, pattern: LambdaPattern):
     """Keys in the middle of query position p (int or integer tensor): n_global <= j <= p - n_local."""
     count = p - pattern.n_local + 1 - pattern.n_global
     return count.clamp(min=0) if isinstance(count, torch.Tensor) else max(0, count)
+
+
+def middle_blocks(p, pattern: LambdaPattern, block_size: int):
+    """KV blocks that hold some middle key of query position p (int or integer tensor)."""
+    return blocks_through(p - pattern.n_local, pattern.n_global, block_size)
+
+
+def blocks_through(last, n_global: int, block_size: int):
+    """KV blocks holding some position of [n_global, last] (int or integer tensor)."""
+    count = last // block_size - n_global // block_size + 1
+    if isinstance(count, torch.Tensor):
+        return torch.where(last >= n_global, count, torch.zeros_like(count))
+    return count if last >= n_global else 0
 
 
 def row_rule(positions: torch.Tensor, first_pos: int, k: int, pattern: LambdaPattern, group: int):
@@ -90,3 +119,67 @@ def merge_partials(res: torch.Tensor, lse: torch.Tensor, res2: torch.Tensor,
     w1, w2 = torch.exp(lse - top), torch.exp(lse2 - top)
     total = w1 + w2
     return (res * w1[..., None] + res2 * w2[..., None]) / total[..., None], top + torch.log(total)
+
+
+def filled_blocks(block_table: torch.Tensor, query_start_loc: list[int], seq_lens: list[int],
+                  block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The blocks a step fills: (ids, first positions, sequence index), one entry per block
+    whose last slot is written by this step's tokens."""
+    ids, first, seq = [], [], []
+    for i, s in enumerate(seq_lens):
+        start = s - (query_start_loc[i + 1] - query_start_loc[i])
+        for b in range(start // block_size, s // block_size):
+            if (b + 1) * block_size > start:
+                ids.append(int(block_table[i, b]))
+                first.append(b * block_size)
+                seq.append(i)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return as_long(ids), as_long(first), as_long(seq)
+
+
+def summarize_blocks(keys: torch.Tensor) -> torch.Tensor:
+    """Per-channel min and max of each block's raw keys: [n, H, B, D] -> [n, H, 2, D] float32."""
+    keys = keys.to(torch.float32)
+    return torch.stack((keys.amin(dim=2), keys.amax(dim=2)), dim=2)
+
+
+def attend_middle_blocks(q: torch.Tensor, summary: torch.Tensor, block_row: torch.Tensor, fetch, last_mid: torch.Tensor,
+                         use: torch.Tensor, k: int, scale: float, block_size: int,
+                         n_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-mode top-k partial softmax of rows q [H, M, D] (raw frame at the scoring distance).
+
+    summary: the layer's block summaries [num_blocks, H, 2, D] (`summarize_blocks`), indexed
+    by block id; block_row: the sequence's block table (logical block -> id); last_mid [M]:
+    each row's last middle position p - n_local; use [M]: rows that may use it.
+    fetch(logical [H, r, k]) returns the raw keys and values of those blocks of the
+    sequence, [H, r, k, B, D] each. Returns (output [H, M, Dv], lse [H, M]) as `attend_middle`."""
+    h, m, _ = q.shape
+    first = n_global // block_size
+    n_blocks = blocks_through(last_mid, n_global, block_size)  # [M]
+    rows = torch.nonzero(use & (n_blocks >= k)).flatten()
+    lse = q.new_full((h, m), float("-inf"))
+    if len(rows) == 0:
+        return q.new_zeros(h, m, q.shape[-1]), lse
+    nb = int(n_blocks[rows].max())
+    ids = block_row[first:first + nb].long()
+    lo, hi = summary[ids, :, 0].transpose(0, 1), summary[ids, :, 1].transpose(0, 1)  # [H, nb, D]
+    qr = q[:, rows]
+    bound = qr.clamp(min=0) @ hi.transpose(1, 2) + qr.clamp(max=0) @ lo.transpose(1, 2)  # [H, r, nb]
+    bound = bound.masked_fill((torch.arange(nb)[None, :] >= n_blocks[rows][:, None])[None], float("-inf"))
+    chosen = bound.topk(k, dim=-1).indices + first  # logical blocks [H, r, k]
+    out = None
+    step = max(1, MAX_SCORE_ELEMENTS // max(1, h * k * block_size * q.shape[-1]))
+    for c in range(0, len(rows), step):
+        sel, r = chosen[:, c:c + step], rows[c:c + step]
+        keys, values = fetch(sel)
+        if out is None:
+            out = q.new_zeros(h, m, values.shape[-1])
+        pos = sel[..., None] * block_size + torch.arange(block_size)  # [H, r, k, B]
+        seen = (pos >= n_global) & (pos <= last_mid[r][None, :, None, None])
+        s = torch.einsum("hrd,hrkbd->hrkb", q[:, r], keys.to(q.dtype)) * scale
+        s = s.masked_fill(~seen, float("-inf")).flatten(2)  # [H, r, k*B]
+        lse_r = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse_r[..., None])
+        out[:, r] = torch.einsum("hrt,hrtd->hrd", p, values.flatten(2, 3).to(p.dtype))
+        lse[:, r] = lse_r
+    return out, lse

@@ -21,8 +21,8 @@ LAYERS, TRAINED = 4, 128
 G, W, B, K, DIST = 4, 64, 32, 3, 32
 
 
-def settings(rows="last", from_layer=2, free=True):
-    return {"lm_infinite": {"n_global": G, "n_local": W, "distance_limit": W, "top_k": K,
+def settings(rows="last", from_layer=2, free=True, blocks=False):
+    return {"lm_infinite": {"n_global": G, "n_local": W, "distance_limit": W, ("top_k_blocks" if blocks else "top_k"): K,
                             "top_k_from_layer": from_layer, "top_k_distance": DIST, "top_k_rows": rows,
                             "free_middle_blocks": free}}
 
@@ -39,13 +39,16 @@ def prompts_of(seed):
     return lambda lengths: [[rng.randrange(3, 380) for _ in range(n)] for n in lengths]
 
 
-@pytest.mark.parametrize("rows,from_layer", [("last", 2), ("all", 1)])
-def test_logprobs_match_float64_reference_on_hybrid_groups(model, prompts_of, rows, from_layer):
+@pytest.mark.parametrize("rows,from_layer,blocks", [("last", 2, False), ("all", 1, False), ("last", 2, True),
+                                                    ("all", 1, True)])
+def test_logprobs_match_float64_reference_on_hybrid_groups(model, prompts_of, rows, from_layer, blocks):
     """Prompts past, at and inside the window (600, 257, 64, 65, 3 tokens), chunks of 160
     tokens beside decodes: prompt and generated logprobs equal the float64 LM-Infinite
-    forward with top-k in layers >= from_layer, and differ from Λ alone."""
+    forward with top-k (exact, or block mode: K blocks) in layers >= from_layer, and differ
+    from Λ alone."""
     prompts = prompts_of([600, 257, 64, 65, 3])
-    engine = dict(max_model_len=4096, block_size=B, max_num_batched_tokens=160, hf_overrides=settings(rows, from_layer))
+    engine = dict(max_model_len=4096, block_size=B, max_num_batched_tokens=160,
+                  hf_overrides=settings(rows, from_layer, blocks=blocks))
     out = run_engine(model, prompts, engine=engine, sampling=dict(max_tokens=6, prompt_logprobs=0, logprobs=0),
                      probe=kv_groups)
     groups = out["extra"]
@@ -57,8 +60,8 @@ def test_logprobs_match_float64_reference_on_hybrid_groups(model, prompts_of, ro
     for prompt, o in zip(prompts, out["results"]):
         full = prompt + o["tokens"]
         first = 0 if rows == "all" else len(prompt) - 1
-        want = token_logprobs(ref.logprobs(full, lm_infinite=(G, W, W), top_k=(K, DIST, from_layer, LAYERS, first)),
-                              full)
+        rule = (K, DIST, from_layer, LAYERS, first) + ((B,) if blocks else ())
+        want = token_logprobs(ref.logprobs(full, lm_infinite=(G, W, W), top_k=rule), full)
         got = torch.tensor(o["prompt_logprobs"][1:] + o["logprobs"], dtype=torch.float64)
         assert (got - want).abs().max().item() < 2e-4, (len(prompt), (got - want).abs().max())
         if len(prompt) >= 257:  # the middle holds > K keys: top-k changes the result

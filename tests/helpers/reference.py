@@ -142,16 +142,38 @@ def _with_top_k(logits, q, k, q_pos, lm_infinite, inv_freq, scale, top_k):
     """LM-Infinite's top-k middle attention on top of the Λ logits [H, Tq, S]: a row at
     position p >= first_pos whose middle G <= j <= p - W holds at least k keys also sees,
     per head, the k middle keys with the largest logit at rotary distance `distance`."""
-    kk, distance, _, _, first_pos = top_k
+    kk, distance, _, _, first_pos = top_k[:5]
+    block_size = top_k[5] if len(top_k) > 5 else None
     G, W, _ = lm_infinite
     p = q_pos[:, None]
     j = torch.arange(k.shape[1])[None, :]
     middle = (j >= G) & (j <= p - W)
     mid_delta = torch.where(middle, torch.tensor(float(distance), dtype=F64), torch.tensor(math.nan, dtype=F64))
     mid = pairwise_logits(q, k, mid_delta, inv_freq) * scale  # -inf off the middle
-    rows = (q_pos >= first_pos) & (middle.sum(1) >= kk)
-    best = mid.topk(kk, dim=-1).indices  # [H, Tq, kk]
-    chosen = torch.zeros_like(mid, dtype=torch.bool).scatter_(-1, best, True) & rows[None, :, None]
+    if block_size is None:
+        rows = (q_pos >= first_pos) & (middle.sum(1) >= kk)
+        best = mid.topk(kk, dim=-1).indices  # [H, Tq, kk]
+        chosen = torch.zeros_like(mid, dtype=torch.bool).scatter_(-1, best, True) & rows[None, :, None]
+        return torch.where(chosen, mid, logits)
+    # block mode: bound of each full block, sum_c max(q_c max_c, q_c min_c), q rotated by `distance`
+    half = inv_freq.numel()
+    ang = float(distance) * inv_freq
+    qa, qb = q[..., :half], q[..., half:2 * half]
+    q_d = torch.cat((qa * ang.cos() - qb * ang.sin(), qb * ang.cos() + qa * ang.sin(), q[..., 2 * half:]), -1)
+    full = k.shape[1] // block_size
+    if full < kk:  # no row's middle spans kk blocks
+        return logits
+    kb = k[:, : full * block_size].reshape(k.shape[0], full, block_size, -1)
+    lo, hi = kb.amin(2), kb.amax(2)  # [H, nb, D]
+    bound = torch.maximum(q_d[:, :, None] * hi[:, None], q_d[:, :, None] * lo[:, None]).sum(-1)  # [H, Tq, nb]
+    last = q_pos - W
+    b = torch.arange(full)[None, :]
+    in_middle = (b >= G // block_size) & (b <= last[:, None] // block_size) & (last[:, None] >= G)  # [Tq, nb]
+    rows = (q_pos >= first_pos) & (in_middle.sum(1) >= kk)
+    best = bound.masked_fill(~in_middle[None], -math.inf).topk(kk, dim=-1).indices  # [H, Tq, kk]
+    chosen_blocks = torch.zeros_like(bound, dtype=torch.bool).scatter_(-1, best, True)
+    chosen_blocks = torch.cat((chosen_blocks, torch.zeros_like(chosen_blocks[..., :1])), -1)  # the partial block: never
+    chosen = chosen_blocks[..., (j[0] // block_size).clamp(max=full)] & middle[None] & rows[None, :, None]
     return torch.where(chosen, mid, logits)
 
 
@@ -290,11 +312,12 @@ class Reference:
         lm_infinite: LMInfinite | None = None,
         inv_freq_for_len: Callable[[int], torch.Tensor] | None = None,
         query_scale_for_len: Callable[[int], float] | None = None,
-        top_k: tuple[int, int, int, int, int] | None = None,
+        top_k: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """Next-token logits [T, vocab] (float64) at every position. top_k = (k, distance,
-        from_layer, to_layer, first_pos): LM-Infinite's top-k middle attention in layers
-        from <= i < to, for the rows at positions >= first_pos."""
+        from_layer, to_layer, first_pos[, block_size]): LM-Infinite's top-k middle attention
+        in layers from <= i < to, for the rows at positions >= first_pos (with block_size:
+        block mode, k blocks)."""
         ids = list(token_ids)
         if not ids:
             raise ValueError("empty token_ids")

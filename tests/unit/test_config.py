@@ -62,6 +62,8 @@ def test_bad_values_name_the_field(value, message):
         ({"top_k": 5, "top_k_distance": 5000}, "top_k_distance=5000 exceeds the trained length"),
         ({"top_k": 5, "top_k_rows": "first"}, "lm_infinite.top_k_rows must be one of ['last', 'all'], got 'first'"),
         ({"top_k_rows": "all"}, "['top_k_rows'] only apply with lm_infinite.top_k"),
+        ({"top_k": 5, "top_k_blocks": 2}, "set either top_k (exact: k middle keys) or top_k_blocks"),
+        ({"top_k_blocks": 0}, "lm_infinite.top_k_blocks must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_top_k_values_name_the_field(value, message):
@@ -76,6 +78,17 @@ def test_top_k_defaults_follow_the_reference():
     assert [i for i in range(30) if top_k.covers(i)] == list(range(4, 30))
     far = parse_lm_infinite(cfg({"top_k": 5, "top_k_distance": 5000, "allow_untrained_distance": True}))
     assert far.top_k.distance == 5000
+
+
+def test_block_mode_settings_and_its_start_up_check():
+    from vllm_lminf.backends.common import group_top_k
+
+    top_k = parse_lm_infinite(cfg({"top_k_blocks": 4, "top_k_rows": "all"})).top_k
+    assert (top_k.k, top_k.blocks, top_k.rows) == (4, True, "all")
+    layers = [SimpleNamespace(top_k=None), SimpleNamespace(top_k=top_k)]
+    assert group_top_k(layers, block_size=128, n_local=4096) is top_k
+    with pytest.raises(ValueError, match=r"top_k_blocks needs n_local >= the KV block size \(128\), got n_local=64"):
+        group_top_k(layers, block_size=128, n_local=64)
 
 
 def test_untrained_distance_needs_opt_in():

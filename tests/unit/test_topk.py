@@ -180,3 +180,143 @@ def test_gqa_selects_per_query_head(seed):
     out = lambda_attention_dense(q, k, v, torch.tensor([s - 1]), pattern=pattern, style=style, inv_freq=inv,
                                  scale=1.0, top_k=(1, 8))
     assert rel_err(out[0, 0], v[50, 0]) < 1e-3 and rel_err(out[0, 1], v[120, 0]) < 1e-3
+
+
+# -- block mode ----------------------------------------------------------------------
+
+def formula_top_k_blocks(q, k, v, q_pos, pattern, style, inv_freq, scale, top_k, distance, block_size):
+    """Block mode written out per (row, head): each middle block's bound from explicit
+    rotation matrices and Python max/min loops, the k best blocks' middle keys at `distance`."""
+    tq, hq, dh = q.shape
+    group = hq // k.shape[1]
+    out = formula_attention(q, k, v, q_pos, pattern, style, inv_freq, scale)
+    for t in range(tq):
+        p = int(q_pos[t])
+        middle = list(range(pattern.n_global, p - pattern.n_local + 1))
+        blocks = sorted({j // block_size for j in middle})
+        if len(blocks) < top_k:
+            continue
+        for h in range(hq):
+            kv = h // group
+            rq = rotation_matrix(distance, inv_freq, dh, style) @ q[t, h].double()
+            bound = {}
+            for b in blocks:
+                rows = [k[j, kv].double() for j in range(b * block_size, (b + 1) * block_size)]
+                bound[b] = sum(max(float(rq[c]) * max(float(r[c]) for r in rows),
+                                   float(rq[c]) * min(float(r[c]) for r in rows)) for c in range(dh))
+            best = sorted(blocks, key=lambda b: -bound[b])[:top_k]
+            logits, vals = [], []
+            for j in range(p + 1):
+                if p - pattern.n_local < j:
+                    delta = p - j
+                elif j < pattern.n_global:
+                    delta = pattern.distance_limit
+                elif j // block_size in best:
+                    delta = distance
+                else:
+                    continue
+                rqj = rotation_matrix(delta, inv_freq, dh, style) @ q[t, h].double()
+                logits.append(float(scale * torch.dot(rqj, k[j, kv].double())))
+                vals.append(v[j, kv].double())
+            w = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+            out[t, h] = (w[:, None] * torch.stack(vals)).sum(0)
+    return out
+
+
+def test_dense_block_mode_matches_the_rule(seed):
+    s, dh, bs = 60, 8, 4
+    pattern = LambdaPattern(3, 8, 8)
+    style = RopeStyle(8, True)
+    q, k, v = torch.randn(s, 4, dh), torch.randn(s, 2, dh), torch.randn(s, 2, dh)
+    inv = make_inv_freq(8)
+    q_pos = torch.arange(40, s)
+    got = lambda_attention_dense(q[40:], k, v, q_pos, pattern=pattern, style=style, inv_freq=inv, scale=0.4,
+                                 top_k=(2, 5), top_k_block_size=bs)
+    want = formula_top_k_blocks(q[40:], k, v, q_pos, pattern, style, inv, 0.4, 2, 5, bs)
+    assert rel_err(got, want) < 1e-12
+
+
+BLOCK_CASES = [
+    # (seq_lens, q_lens, pattern, block_size, query_tile, k blocks, distance)
+    ([300], [300], LambdaPattern(4, 32, 32), 16, 64, 2, 16),  # every row of a prefill
+    ([400, 200, 90, 50], [1, 64, 1, 3], LambdaPattern(5, 32, 20), 16, 16, 3, 10),  # mixed, G not a block multiple
+    ([600], [1], LambdaPattern(20, 64, 64), 32, 256, 4, 32),  # a decode
+    ([130], [2], LambdaPattern(0, 64, 64), 32, 256, 2, 8),  # exactly 2 middle blocks, no globals
+]
+
+
+def block_inputs(case, neox, hq=6, hkv=2, dh=16):
+    seq_lens, q_lens, pattern, bs, _, _, _ = case
+    style = RopeStyle(12 if not neox else 16, neox)
+    cache, table = build_paged(seq_lens, hkv, dh, bs)
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    query = torch.randn(qsl[-1], hq, dh)
+    kw = dict(pattern=pattern, style=style, inv_freq=make_inv_freq(style.rotary_dim), scale=dh**-0.5)
+    return cache, table, qsl, query, kw
+
+
+def every_full_block(table, seq_lens, bs):
+    """What earlier steps filled: every full block of each sequence (ids, first positions, sequence)."""
+    from lminf_kernels.topk import filled_blocks
+
+    return filled_blocks(table, _qsl_all(seq_lens), seq_lens, bs)
+
+
+def _qsl_all(seq_lens):
+    out = [0]
+    for s in seq_lens:
+        out.append(out[-1] + s)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["raw", "absolute"])
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=[str(i) for i in range(len(BLOCK_CASES))])
+def test_block_mode_matches_dense(case, neox, layout, seed):
+    from lminf_kernels import absolute_cpu, raw_torch
+
+    seq_lens, q_lens, pattern, bs, tile, kb, distance = case
+    cache, table, qsl, query, kw = block_inputs(case, neox)
+    style, inv = kw["style"], kw["inv_freq"]
+    rule = TopKRows(kb, distance, [0] * len(seq_lens), blocks=True, block_size=bs)
+    want = lambda_paged_attention_naive(query, cache, table, qsl, seq_lens, top_k=(kb, distance, rule.first_pos),
+                                        top_k_block_size=bs, **kw)
+    filled = every_full_block(table, seq_lens, bs)
+    summary = torch.full((cache.shape[0], cache.shape[1], 2, cache.shape[-1] // 2), float("nan"))
+    if layout == "raw":
+        raw_torch.update_block_summaries(cache, summary, filled)
+        got = lambda_paged_attention(query, cache, table, qsl, seq_lens, query_tile=tile, top_k=rule,
+                                     block_summary=summary, **kw)
+    else:
+        abs_cache = to_absolute_layout(cache, table, seq_lens, inv, style)
+        absolute_cpu.update_block_summaries(abs_cache, summary, filled, style, inv)
+        got = lambda_attention_absolute(absolute_queries(query, qsl, seq_lens, inv, style), abs_cache, table, qsl,
+                                        seq_lens, query_tile=tile, top_k=rule, block_summary=summary, **kw)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < 1e-5
+
+
+def test_block_mode_with_every_middle_block_equals_exact_mode_with_every_middle_key(seed):
+    seq_lens, q_lens, pattern, bs = [200], [1], LambdaPattern(8, 64, 64), 16
+    cache, table, qsl, query, kw = block_inputs((seq_lens, q_lens, pattern, bs, 256, 0, 0), True)
+    summary = torch.zeros(cache.shape[0], cache.shape[1], 2, cache.shape[-1] // 2)
+    from lminf_kernels import raw_torch
+
+    raw_torch.update_block_summaries(cache, summary, every_full_block(table, seq_lens, bs))
+    p = 199
+    n_mid, n_blocks = p - 64 + 1 - 8, (p - 64) // bs - 8 // bs + 1
+    blocks = lambda_paged_attention(query, cache, table, qsl, seq_lens, block_summary=summary,
+                                    top_k=TopKRows(n_blocks, 20, [0], blocks=True, block_size=bs), **kw)
+    exact = lambda_paged_attention(query, cache, table, qsl, seq_lens, top_k=TopKRows(n_mid, 20, [0]), **kw)
+    assert rel_err(blocks, exact) < 1e-6
+
+
+def test_filled_blocks_are_the_blocks_whose_last_slot_this_step_writes():
+    from lminf_kernels.topk import filled_blocks
+
+    table = torch.arange(40).view(4, 10)
+    ids, first, seq = filled_blocks(table, [0, 1, 41, 41, 44], [16, 57, 5, 48], 16)
+    # seq 0: token 15 fills block 0; seq 1: tokens 17..56 fill blocks 1, 2; seq 2: nothing; seq 3: 45..47 fill block 2
+    assert ids.tolist() == [0, 11, 12, 32] and first.tolist() == [0, 16, 32, 32] and seq.tolist() == [0, 1, 1, 3]

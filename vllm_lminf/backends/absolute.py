@@ -29,7 +29,8 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from lminf_kernels.absolute_cpu import QueryPlan, Rerotation, lambda_attention_absolute, rerotate_blocks
+from lminf_kernels.absolute_cpu import (QueryPlan, Rerotation, lambda_attention_absolute, rerotate_blocks,
+                                        update_block_summaries)
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle, absolute_cos_sin, rotate
 
@@ -37,7 +38,8 @@ from .. import vllm_compat
 from ..clex import clex_log_scale_tensor, clex_scale_index_tensor
 from lminf_kernels.topk import TopKRows
 
-from .common import LambdaBackend, StepBatch, group_top_k, no_work, refuse_unsupported, step_top_k
+from .common import (BlockSummaries, LambdaBackend, StepBatch, group_top_k, no_work, refuse_unsupported,
+                     step_top_k)
 
 from . import ABSOLUTE as NAME
 from . import ABSOLUTE_CLEX as CLEX_NAME
@@ -124,7 +126,7 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
                for i in impls.values()):
             raise ValueError("vllm-lminf: all layers of one KV-cache group must share one Λ pattern and RoPE")
         self.pattern, self.inv_freq, self.clex = impl.pattern, impl.inv_freq, impl.clex
-        self.top_k = group_top_k(impls.values())
+        self.top_k = group_top_k(impls.values(), kv_cache_spec.block_size, impl.pattern.n_local)
         # plain Λ layers in this group need the plan for every beyond sequence
         self.plain_layers = any(i.top_k is None for i in impls.values())
         if self.clex is not None:
@@ -135,7 +137,7 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
         m = common_attn_metadata
         batch = StepBatch.of(m)
         if self.clex is None:
-            top_k = step_top_k(self.top_k, m.num_reqs)
+            top_k = step_top_k(self.top_k, m.num_reqs, None, batch, self.kv_cache_spec.block_size)
             return AbsoluteMetadata(batch.num_actual_tokens, [self._wave(m, batch, None, self.inv_freq, top_k)])
         return AbsoluteMetadata(batch.num_actual_tokens, self._clex_waves(m, batch))
 
@@ -158,8 +160,8 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
 
         plan = plan_of(beyond) if self.top_k is None or self.plain_layers else None
         wave = Wave(rows, batch, inv_freq, vllm_md, inside_rows, beyond, plan)
+        wave.top_k = top_k
         if top_k is not None and beyond:
-            wave.top_k = top_k
             wave.plan_without_top_k = plan_of(
                 [i for i in beyond if not top_k.uses(i, batch.seq_lens[i] - 1, self.pattern)])
         return wave
@@ -206,7 +208,7 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
             freqs = table[clex_scale_index_tensor(lengths_t, clex.original_len, clex.cfg.max_factor) - 1]
             # one run per sequence and no padding rows: the wave is the step itself, as vLLM described it
             every_row = w == 0 and all(len(r) == 1 for r in runs) and len(row_index) == batch.num_actual_tokens
-            top_k = step_top_k(self.top_k, m.num_reqs, owners)
+            top_k = step_top_k(self.top_k, m.num_reqs, owners, sub, self.kv_cache_spec.block_size)
             if every_row:
                 wave = self._wave(m, batch, None, freqs, top_k)
             else:
@@ -268,6 +270,7 @@ class AbsoluteImpl(CPUAttentionBackendImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, None, None, "auto")
         self.pattern, self.style, self.inv_freq, self.clex = pattern, style, inv_freq, clex
         self.top_k = top_k  # TopKConfig when this layer attends the top-k middle keys
+        self.summaries = BlockSummaries()  # block mode
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: AbsoluteMetadata | None, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -310,12 +313,18 @@ class AbsoluteImpl(CPUAttentionBackendImpl):
                 super().forward(layer, q.index_select(0, wave.inside_rows), None, None, kv_cache, wave.inside,
                                 sub_out)
                 out.index_copy_(0, wave.inside_rows, sub_out.to(out.dtype))
+        b = wave.batch
+        top_k = wave.top_k if self.top_k is not None else None
+        summary = None
+        if top_k is not None and top_k.blocks:
+            # every block the step fills, also of sequences inside the window (read later)
+            summary = self.summaries.of(kv_cache)
+            update_block_summaries(kv_cache, summary, top_k.filled, self.style, wave.inv_freq)
         if wave.beyond:
-            b = wave.batch
-            top_k = wave.top_k if self.top_k is not None else None
             lambda_attention_absolute(q, kv_cache, b.block_table, b.query_start_loc, b.seq_lens,
                                       pattern=self.pattern, style=self.style, inv_freq=wave.inv_freq,
                                       scale=self.scale, out=out, sequences=wave.beyond, top_k=top_k,
+                                      block_summary=summary,
                                       plan=wave.plan if top_k is None else wave.plan_without_top_k)
 
 

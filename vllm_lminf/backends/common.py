@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 
-from lminf_kernels.topk import TopKRows
+from lminf_kernels.topk import TopKRows, filled_blocks
 
 from .. import vllm_compat
 from ..config import TopKConfig
@@ -37,7 +37,7 @@ class StepBatch:
         )
 
 
-def group_top_k(impls) -> TopKConfig | None:
+def group_top_k(impls, block_size: int, n_local: int) -> TopKConfig | None:
     """The top-k settings of the layers of one KV-cache group that use top-k (None: none
     does). Called by a metadata builder: its step rule serves the group's top-k layers."""
     settings = {impl.top_k for impl in impls if impl.top_k is not None}
@@ -46,14 +46,35 @@ def group_top_k(impls) -> TopKConfig | None:
     top_k = settings.pop() if settings else None
     if top_k is not None and top_k.rows == "last":
         vllm_compat.track_prompt_lengths()
+    if top_k is not None and top_k.blocks and n_local < block_size:
+        # the block holding a row's last middle key must be full (summarized) when the row reads it
+        raise ValueError(f"lm_infinite.top_k_blocks needs n_local >= the KV block size ({block_size}), "
+                         f"got n_local={n_local}; raise n_local or lower --block-size")
     return top_k
 
 
-def step_top_k(top_k: TopKConfig | None, num_reqs: int, owners: list[int] | None = None) -> TopKRows | None:
+class BlockSummaries:
+    """Block mode: a top-k layer's per-block, per-KV-head min/max of its raw keys,
+    [num_blocks, Hkv, 2, D] float32 beside the layer's KV cache (2 * 4 bytes per channel
+    per block: 1/32 of a bf16 cache at block size 128), written when a block fills."""
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+
+    def of(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        n, h, _, d2 = kv_cache.shape
+        if self.tensor is None or self.tensor.shape[0] != n:
+            self.tensor = torch.zeros(n, h, 2, d2 // 2, dtype=torch.float32, device=kv_cache.device)
+        return self.tensor
+
+
+def step_top_k(top_k: TopKConfig | None, num_reqs: int, owners: list[int] | None = None,
+               batch: StepBatch | None = None, block_size: int = 0) -> TopKRows | None:
     """The step's top-k rule: per kernel sequence (request row, or with CLEX the request
     row `owners[i]` of run i), the first position whose row uses top-k. "last": the last
     prompt row and every generated row (P - 1 on, P the original prompt length, also when
-    a preempted request recomputes); "all": every row."""
+    a preempted request recomputes); "all": every row. Block mode also lists the blocks
+    the step fills (`batch`: the kernels' sequences)."""
     if top_k is None:
         return None
     count = num_reqs if owners is None else len(owners)
@@ -62,7 +83,10 @@ def step_top_k(top_k: TopKConfig | None, num_reqs: int, owners: list[int] | None
     else:
         prompts = vllm_compat.prompt_lengths(num_reqs)
         first = [p - 1 for p in (prompts if owners is None else [prompts[o] for o in owners])]
-    return TopKRows(top_k.k, top_k.distance, first)
+    if not top_k.blocks:
+        return TopKRows(top_k.k, top_k.distance, first)
+    filled = filled_blocks(batch.block_table, batch.query_start_loc, batch.seq_lens, block_size)
+    return TopKRows(top_k.k, top_k.distance, first, blocks=True, block_size=block_size, filled=filled)
 
 
 def refuse_unsupported(alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None,

@@ -31,13 +31,13 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from lminf_kernels.paged import raw_views, store_kv
 from lminf_kernels.pattern import LambdaPattern
-from lminf_kernels.raw_torch import lambda_paged_attention
+from lminf_kernels.raw_torch import lambda_paged_attention, update_block_summaries
 from lminf_kernels.rope import RopeStyle
 
 from .. import vllm_compat
 from lminf_kernels.topk import TopKRows
 
-from .common import LambdaBackend, StepBatch, group_top_k, no_work, refuse_unsupported, step_top_k
+from .common import BlockSummaries, LambdaBackend, StepBatch, group_top_k, no_work, refuse_unsupported, step_top_k
 
 from . import RAW as NAME
 KERNEL_ENV = "LMINF_RAW_KERNEL"  # "triton" forces the Triton kernel (tests, with TRITON_INTERPRET=1 on CPU)
@@ -79,7 +79,7 @@ class RawMetadataBuilder(AttentionMetadataBuilder[RawMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         impls = [layer.impl for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()]
         sources = {id(impl.rotary): impl.rotary for impl in impls}
-        self.top_k = group_top_k(impls)
+        self.top_k = group_top_k(impls, kv_cache_spec.block_size, impls[0].pattern.n_local)
         self.rotary = next(iter(sources.values()))
         if any(r.clex is not self.rotary.clex or r.style != self.rotary.style for r in sources.values()):
             raise ValueError("vllm-lminf: all layers of one KV-cache group must share one RoPE")
@@ -92,7 +92,8 @@ class RawMetadataBuilder(AttentionMetadataBuilder[RawMetadata]):
         batch = StepBatch.of(m)
         clex = self.rotary.clex
         if clex is None:
-            return RawMetadata(batch, self.rotary.inv_freq, None, step_top_k(self.top_k, m.num_reqs))
+            return RawMetadata(batch, self.rotary.inv_freq, None,
+                               step_top_k(self.top_k, m.num_reqs, None, batch, self.kv_cache_spec.block_size))
         qsl, lens, owner, freqs, scale = clex.regroup(batch.query_start_loc, batch.seq_lens,
                                                       vllm_compat.prompt_lengths(m.num_reqs))
         device = batch.query_start_loc_dev.device
@@ -102,7 +103,8 @@ class RawMetadataBuilder(AttentionMetadataBuilder[RawMetadata]):
             query_start_loc_dev=torch.tensor(qsl, dtype=torch.int32, device=device),
             seq_lens_dev=torch.tensor(lens, dtype=torch.int32, device=device),
         )
-        return RawMetadata(runs, freqs.to(device), scale, step_top_k(self.top_k, m.num_reqs, owner))
+        return RawMetadata(runs, freqs.to(device), scale,
+                           step_top_k(self.top_k, m.num_reqs, owner, runs, self.kv_cache_spec.block_size))
 
 
 def _use_triton(query: torch.Tensor) -> bool:
@@ -123,6 +125,7 @@ class RawImpl(AttentionImpl):
         self.pattern = pattern
         self.rotary = rotary
         self.top_k = top_k  # TopKConfig when this layer attends the top-k middle keys
+        self.summaries = BlockSummaries()  # block mode
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         store_kv(raw_views(kv_cache), slot_mapping, key, value)
@@ -138,11 +141,14 @@ class RawImpl(AttentionImpl):
         kw = dict(pattern=self.pattern, style=self.rotary.style, inv_freq=attn_metadata.inv_freq,
                   scale=self.scale, query_scale=attn_metadata.query_scale, out=output[:n])
         top_k = attn_metadata.top_k if self.top_k is not None else None
+        if top_k is not None and top_k.blocks:
+            kw["block_summary"] = summary = self.summaries.of(kv_cache)
+            update_block_summaries(kv_cache, summary, top_k.filled)
         if _use_triton(query):
             # Imported on first use only: the CPU path must not need a working Triton.
             from lminf_kernels.raw_triton import lambda_paged_attention_triton
             lambda_paged_attention_triton(query[:n], kv_cache, b.block_table, b.query_start_loc_dev, b.seq_lens_dev,
-                                          **kw)
+                                          **{k: v for k, v in kw.items() if k != "block_summary"})
             if top_k is None:
                 return output
             # The Triton kernel computes Λ only: the sequences with top-k rows are redone by the torch code.
