@@ -78,7 +78,7 @@ def measure(llm, results, *, cfg: dict) -> list[dict]:
     return rows
 
 
-CONFIG_NAMES = ("stock", "lminf", "lminf_topk", "stock_swa", "clex", "yarn")
+CONFIG_NAMES = ("stock", "lminf", "lminf_topk", "lminf_topk_blocks", "stock_swa", "clex", "yarn")
 
 
 def configs(window: int, n_global: int, trained: int, factor: int, rope_theta: float):
@@ -92,6 +92,8 @@ def configs(window: int, n_global: int, trained: int, factor: int, rope_theta: f
         "lminf": dict(plugin=True, overrides={"lm_infinite": lminf}),
         # exact top-k middle attention at the plugin's defaults (k 5, layers 4.., last rows)
         "lminf_topk": dict(plugin=True, overrides={"lm_infinite": dict(lminf, top_k=5)}),
+        # block mode: the 4 best middle blocks (of 128 tokens: 512 keys) per query head
+        "lminf_topk_blocks": dict(plugin=True, overrides={"lm_infinite": dict(lminf, top_k_blocks=4)}),
         "stock_swa": dict(plugin=False, overrides={"sliding_window": window}),
         "clex": dict(plugin=True, overrides={}, clex=True),
         # YaRN configs carry the scaled length in max_position_embeddings (as vLLM and

@@ -251,6 +251,28 @@ def test_clex_with_lm_infinite_past_the_cap(clex_model, seed):
     assert (got_gen - ref_generated_logprobs(ref, seq, len(prompt), freqs, lminf)).abs().max().item() < 2e-4
 
 
+def test_clex_with_top_k_across_a_t_boundary(clex_model, path_kind, seed):
+    """Top-k middle attention (issue 15) on CLEX: a 120-token prompt generating 30 tokens
+    across t 1 -> 2; the top-k layer reads middle keys, so on the fast path every held key
+    is re-rotated when t steps up. Prompt and generated logprobs equal the float64 reference."""
+    path, freqs, ref = clex_model
+    rng = random.Random(seed)
+    prompt = rand_ids(120, rng)
+    lminf = (4, 64, 64)
+    top_k = {"top_k": 3, "top_k_from_layer": 1, "top_k_distance": 32}
+    overrides = {"lm_infinite": {"n_global": 4, "n_local": 64, "distance_limit": 64, **top_k}}
+    outs = run_engine(path, [prompt], engine=dict(max_model_len=4096, hf_overrides=overrides, **PATHS[path_kind]),
+                      sampling=dict(max_tokens=30, logprobs=0))
+    seq = prompt + outs[0]["tokens"]
+    layers = ref.config.num_hidden_layers
+    got = torch.tensor(outs[0]["logprobs"], dtype=torch.float64)
+    want = ref.incremental_logprobs(seq[:120], seq[120:], **ref_kwargs(freqs, lminf),
+                                    top_k=(3, 32, 1, layers, 119))
+    plain = ref_generated_logprobs(ref, seq, 120, freqs, lminf)
+    assert (got - want).abs().max().item() < 2e-4
+    assert (got - plain).abs().max().item() > 1e-3
+
+
 def test_missing_clex_weights_fail_at_start(tmp_path):
     path = make_tiny_llama(tmp_path / "m", max_position_embeddings=L, head_dim=HEAD,
                            extra_config={"rope_scaling": CLEX_SCALING})

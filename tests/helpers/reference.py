@@ -377,6 +377,7 @@ class Reference:
         lm_infinite: LMInfinite | None = None,
         inv_freq_for_len: Callable[[int], torch.Tensor] | None = None,
         query_scale_for_len: Callable[[int], float] | None = None,
+        top_k: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """Log-probs of `new_tokens` generated after `prompt`, one step at a time, the way a
         serving engine with a raw-key cache computes them (CLEX semantics): the prompt in
@@ -391,7 +392,8 @@ class Reference:
         out, S = [], 0
         for tok, ids in zip(new_tokens, steps):
             S += len(ids)
-            res = self._forward(ids, self._step_state(S, lm_infinite, inv_freq_for_len, query_scale_for_len), cache)
+            res = self._forward(ids, self._step_state(S, lm_infinite, inv_freq_for_len, query_scale_for_len, top_k),
+                                cache)
             cache = res.past_key_values
             out.append(torch.log_softmax(res.logits[0, -1].to(F64), -1)[tok].item())
         return torch.tensor(out, dtype=F64)

@@ -187,7 +187,8 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
                 t = clex.t_of(length)
                 if held[i] is not None and held[i] != t:
                     delta = table[t - 1].double() - table[held[i] - 1].double()
-                    for a, b in _read_later(pattern, lo):
+                    # top-k layers read their middle too: every held key follows the new t
+                    for a, b in (_read_later(pattern, lo) if self.top_k is None else [(0, lo)]):
                         plan = Rerotation.plan(batch.block_table[i], a, b, delta, self.kv_cache_spec.block_size)
                         if plan is not None:
                             rerotate.append(plan)
