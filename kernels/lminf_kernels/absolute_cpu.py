@@ -27,7 +27,8 @@ from .paged import (absolute_views, attend_local, band_mask, from_head_rows,
 from .pattern import UNBOUNDED, LambdaPattern
 from .raw_torch import DEFAULT_QUERY_TILE
 from .rope import RopeStyle, absolute_cos_sin, rotate
-from .topk import TopKRows, attend_middle, attend_middle_blocks, merge_partials, row_rule, summarize_blocks
+from .topk import (TopKRows, attend_middle, attend_middle_blocks, merge_partials, middle_values, row_rule,
+                   summarize_blocks)
 
 # Keys per work item of the C++ kernel when few queries must share the cores (decode: one
 # long window split across cores); with many queries (prefill) each tile takes whole windows.
@@ -48,12 +49,35 @@ def global_queries(q_abs: torch.Tensor, positions: torch.Tensor, n_keys: int, pa
     return rotate(q, c[:, :, None], s[:, :, None], style)
 
 
+class _UnrotationTables:
+    """cos/sin of -j * inv_freq (float32, angles in float64) for key positions j < cap, per
+    frequency table: the angles depend only on the position, so every top-k layer and step
+    shares them; grown geometrically as sequences grow."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self.tables: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, lo: int, hi: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = inv_freq.detach().cpu().numpy().tobytes()
+        table = self.tables.get(key)
+        if table is None or table[0].shape[0] < hi:
+            cap = max(hi, 2 * table[0].shape[0]) if table is not None else max(hi, 4096)
+            if table is None and len(self.tables) >= self.keep:
+                self.tables.pop(next(iter(self.tables)))
+            table = self.tables[key] = absolute_cos_sin(-torch.arange(cap), inv_freq)
+        return table[0][lo:hi], table[1][lo:hi]
+
+
+_UNROTATION = _UnrotationTables()
+
+
 def _middle_keys(views, row, hi: int, pattern: LambdaPattern, style: RopeStyle, inv_freq: torch.Tensor):
-    """The middle keys [n_global, hi) of one sequence rotated back to raw (R(-j) R(j) k,
-    angles in float64), and their values, float32: [Hkv, N, D] each."""
-    k_mid, v_mid = gather_span(views, row, pattern.n_global, hi)
-    c, s = absolute_cos_sin(-torch.arange(pattern.n_global, hi), inv_freq)
-    return rotate(k_mid.to(torch.float32), c, s, style), v_mid.to(torch.float32)
+    """The middle keys [n_global, hi) of one sequence rotated back to raw (R(-j) R(j) k),
+    float32 [Hkv, N, D], and a reader of their values by middle index."""
+    k_mid, _ = gather_span(views, row, pattern.n_global, hi, with_values=False)
+    c, s = _UNROTATION.get(pattern.n_global, hi, inv_freq)
+    return rotate(k_mid.to(torch.float32), c, s, style), middle_values(views, row, pattern.n_global)
 
 
 def _absolute_fetch(views, block_row: torch.Tensor, block_size: int, style: RopeStyle, inv_freq: torch.Tensor):

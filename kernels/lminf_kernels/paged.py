@@ -43,8 +43,10 @@ def store_kv(views: CacheViews, slot_mapping: torch.Tensor, key: torch.Tensor, v
     values[blk, :, off] = value.to(values.dtype)
 
 
-def gather_span(views: CacheViews, block_row: torch.Tensor, lo: int, hi: int) -> CacheViews:
-    """Tokens [lo, hi) of one sequence as head-major K and V: [Hkv, hi-lo, D] each.
+def gather_span(views: CacheViews, block_row: torch.Tensor, lo: int, hi: int,
+                with_values: bool = True) -> CacheViews:
+    """Tokens [lo, hi) of one sequence as head-major K and V: [Hkv, hi-lo, D] each (V None
+    without `with_values`).
 
     Reads exactly the blocks that hold those tokens (entries of the block table
     outside them may be stale: freed blocks)."""
@@ -56,7 +58,7 @@ def gather_span(views: CacheViews, block_row: torch.Tensor, lo: int, hi: int) ->
     def span(x: torch.Tensor) -> torch.Tensor:
         return x[ids].transpose(0, 1).reshape(h, (b1 - b0) * bs, -1)[:, lo - b0 * bs : hi - b0 * bs]
 
-    return span(keys), span(values)
+    return span(keys), span(values) if with_values else None
 
 
 # -- query rows -----------------------------------------------------------------------

@@ -19,7 +19,8 @@ from .paged import (attend_local, band_mask, from_head_rows, gather_span,
                     global_seen, merge_global, raw_views, to_head_rows)
 from .pattern import LambdaPattern
 from .rope import RopeStyle, cos_sin, cos_sin_table, rotate
-from .topk import TopKRows, attend_middle, attend_middle_blocks, merge_partials, row_rule, summarize_blocks
+from .topk import (TopKRows, attend_middle, attend_middle_blocks, merge_partials, middle_values, row_rule,
+                   summarize_blocks)
 
 DEFAULT_QUERY_TILE = 256
 
@@ -75,8 +76,8 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
             if top_k.blocks:
                 middle = (None, None, dcos, dsin)
             else:
-                k_mid, v_mid = gather_span(views, row, pattern.n_global, seq_len - pattern.n_local)
-                middle = (k_mid.to(torch.float32), v_mid.to(torch.float32), dcos, dsin)
+                k_mid, _ = gather_span(views, row, pattern.n_global, seq_len - pattern.n_local, with_values=False)
+                middle = (k_mid.to(torch.float32), middle_values(views, row, pattern.n_global), dcos, dsin)
         for t0 in range(a, b, query_tile):
             t1 = min(b, t0 + query_tile)
             pa, pb = first_pos + (t0 - a), first_pos + (t1 - a) - 1

@@ -85,17 +85,19 @@ def attend_middle(q: torch.Tensor, k_mid: torch.Tensor, v_mid: torch.Tensor, cou
                   use: torch.Tensor, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k partial softmax of rows q [H, M, D] over middle keys k_mid / v_mid [H, N, D]
     (key i at position n_global + i, in the frame where <q, k_mid> is the logit at the
-    scoring distance). Row m may see keys i < counts[m]; rows with use[m] False (or fewer
+    scoring distance). v_mid may instead be a function of middle indices [H, r, k] giving
+    their values [H, r, k, D] (so that only the chosen values are read). Row m may see keys i < counts[m]; rows with use[m] False (or fewer
     than k keys) get lse = -inf and output 0. Returns (output [H, M, Dv], lse [H, M])."""
-    h, m, _ = q.shape
-    dv = v_mid.shape[-1]
+    h, m, dv = q.shape  # values as wide as keys (every model the plugin serves)
     out = q.new_zeros(h, m, dv)
     lse = q.new_full((h, m), float("-inf"))
     rows = torch.nonzero(use & (counts >= k)).flatten()
     if len(rows) == 0:
         return out, lse
     n = int(counts[rows].max())
-    k_mid, v_mid = k_mid[:, :n], v_mid[:, :n]
+    k_mid = k_mid[:, :n]
+    if not callable(v_mid):
+        v_mid = v_mid[:, :n]
     step = max(1, MAX_SCORE_ELEMENTS // max(1, h * n))
     key_index = torch.arange(n)
     for c in range(0, len(rows), step):
@@ -103,7 +105,10 @@ def attend_middle(q: torch.Tensor, k_mid: torch.Tensor, v_mid: torch.Tensor, cou
         s = torch.bmm(q[:, r], k_mid.transpose(1, 2)) * scale  # [H, r, n]
         s = s.masked_fill((key_index[None, :] >= counts[r][:, None])[None], float("-inf"))
         top, idx = s.topk(k, dim=-1)  # [H, r, k]
-        v_sel = torch.gather(v_mid, 1, idx.reshape(h, -1, 1).expand(-1, -1, dv)).view(h, len(r), k, dv)
+        if callable(v_mid):  # reads only the chosen values from the cache
+            v_sel = v_mid(idx)
+        else:
+            v_sel = torch.gather(v_mid, 1, idx.reshape(h, -1, 1).expand(-1, -1, dv)).view(h, len(r), k, dv)
         lse_r = torch.logsumexp(top, dim=-1)
         p = torch.exp(top - lse_r[..., None])
         out[:, r] = torch.einsum("hrk,hrkd->hrd", p, v_sel.to(p.dtype))
@@ -183,3 +188,17 @@ def attend_middle_blocks(q: torch.Tensor, summary: torch.Tensor, block_row: torc
         out[:, r] = torch.einsum("hrt,hrtd->hrd", p, values.flatten(2, 3).to(p.dtype))
         lse[:, r] = lse_r
     return out, lse
+
+
+def middle_values(views, block_row: torch.Tensor, n_global: int):
+    """The values of a sequence's middle keys by middle index [H, r, k] -> [H, r, k, D]
+    float32, read from the paged cache (key views of either layout)."""
+    values = views[1]
+    bs = values.shape[2]
+    heads = torch.arange(values.shape[1])[:, None, None]
+
+    def at(index: torch.Tensor) -> torch.Tensor:
+        pos = index + n_global
+        return values[block_row[pos // bs].long(), heads, pos % bs].to(torch.float32)
+
+    return at
