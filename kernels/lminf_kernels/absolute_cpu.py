@@ -88,8 +88,9 @@ def _absolute_fetch(views, block_row: torch.Tensor, block_size: int, style: Rope
 
     def fetch(logical: torch.Tensor):
         ids = block_row[logical].long()
-        c, s = absolute_cos_sin(-(logical[..., None] * block_size + torch.arange(block_size)), inv_freq)
-        return rotate(keys[ids, heads].to(torch.float32), c, s, style), values[ids, heads].to(torch.float32)
+        pos = logical[..., None] * block_size + torch.arange(block_size)
+        c, s = _UNROTATION.get(0, int(pos.max()) + 1, inv_freq)
+        return rotate(keys[ids, heads].to(torch.float32), c[pos], s[pos], style), values[ids, heads].to(torch.float32)
 
     return fetch
 
@@ -193,9 +194,10 @@ class QueryPlan:
         return cls(token_index, rows, lo, pos, n_glob, c.contiguous(), s.contiguous(), chunk, leading)
 
 
-def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, out) -> bool:
-    """The planned query rows through the C++ kernel. Returns False if the kernel is
-    unavailable (nothing written)."""
+def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, out,
+                lse: torch.Tensor | None = None) -> bool:
+    """The planned query rows through the C++ kernel (their log-sum-exp into `lse` [T, Hq]
+    when given). Returns False if the kernel is unavailable (nothing written)."""
     op = lambda_op()
     if op is None:
         return False
@@ -204,13 +206,43 @@ def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, 
         return True
     every_row = plan.leading and n == query.shape[0]
     q = (query if every_row else query.index_select(0, plan.token_index)).to(torch.float32).contiguous()
-    res = op(q, plan.glob_cos, plan.glob_sin, kv_cache, block_table, plan.rows, plan.lo, plan.pos, plan.n_glob,
-             scale, style.rotary_dim, style.neox, plan.chunk_tokens, QUERY_TILE)
+    res, res_lse = op(q, plan.glob_cos, plan.glob_sin, kv_cache, block_table, plan.rows, plan.lo, plan.pos,
+                      plan.n_glob, scale, style.rotary_dim, style.neox, plan.chunk_tokens, QUERY_TILE)
     if every_row:
         out.copy_(res)
+        if lse is not None:
+            lse.copy_(res_lse)
         return True
     out.index_copy_(0, plan.token_index, res.to(out.dtype))
+    if lse is not None:
+        lse.index_copy_(0, plan.token_index, res_lse)
     return True
+
+
+def _merge_middle(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale, out, lse, top_k: TopKRows,
+                  seq: int, block_summary) -> None:
+    """Top-k rows of one sequence whose Λ result (out [T, Hq, D], lse [T, Hq], from the C++
+    kernel) is computed: their middle partial softmax merged in."""
+    tq, hq, dh = query.shape
+    hkv = kv_cache.shape[1]
+    group = hq // hkv
+    views = absolute_views(kv_cache)
+    pos = torch.arange(first_pos, first_pos + tq)
+    counts, use = row_rule(pos, top_k.first_pos[seq], top_k.k, pattern, group)
+    c, s = absolute_cos_sin(top_k.distance - pos, inv_freq)
+    q = rotate(query.to(torch.float32), c[:, None], s[:, None], style)  # R(distance) q_raw
+    q_mid = to_head_rows(q, hkv).reshape(hkv, group * tq, dh)
+    if top_k.blocks:
+        fetch = _absolute_fetch(views, row, top_k.block_size, style, inv_freq)
+        part = attend_middle_blocks(q_mid, block_summary, row, fetch, (pos - pattern.n_local).repeat(group), use,
+                                    top_k.k, scale, top_k.block_size, pattern.n_global)
+    else:
+        k_mid, values = _middle_keys(views, row, first_pos + tq - pattern.n_local, pattern, style, inv_freq)
+        part = attend_middle(q_mid, k_mid, values, counts, use, top_k.k, scale)
+    res = to_head_rows(out.to(torch.float32), hkv).reshape(hkv, group * tq, dh)
+    res_lse = lse.view(tq, hkv, group).permute(1, 2, 0).reshape(hkv, group * tq)
+    merged, _ = merge_partials(res, res_lse, *part)
+    out.copy_(from_head_rows(merged, tq).to(out.dtype))
 
 
 def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -226,11 +258,11 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
     owning rows query_start_loc[i]:query_start_loc[i+1], its queries being the last
     tokens of its seq_lens[i] tokens. kv_cache holds this step's keys already (rotated
     the same way, `paged.store_kv(paged.absolute_views(kv_cache), ...)`). inv_freq: [R/2], or
-    [num_seqs, R/2] per sequence (CLEX), float32. plan: the step's
-    `QueryPlan` for exactly the `sequences` without top-k rows (built here when not given).
-    sequences: compute only these (others' output rows are left untouched).
-    use_extension=False: torch only. top_k: the step's top-k rule (None: Λ only); the
-    sequences with rows that use it run the torch code. block_summary: the layer's block
+    [num_seqs, R/2] per sequence (CLEX), float32. plan: the step's `QueryPlan` for exactly
+    `sequences` (built here when not given). sequences: compute only these (others' output
+    rows are left untouched). use_extension=False: torch only. top_k: the step's top-k rule
+    (None: Λ only): the C++ kernel computes Λ and its log-sum-exp, the middle partial of
+    the rows that use top-k is merged in (`topk.py`). block_summary: the layer's block
     summaries (block mode, `update_block_summaries`).
     """
     if out is None:
@@ -239,15 +271,20 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
     todo = range(len(seq_lens)) if sequences is None else sequences
     todo = [i for i in todo if query_start_loc[i + 1] > query_start_loc[i]]
     with_top_k = [i for i in todo if top_k is not None and top_k.uses(i, seq_lens[i] - 1, pattern)]
-    plain = [i for i in todo if i not in with_top_k]
-    if plain and use_extension:
+    if todo and use_extension:
         if plan is None:
-            plan = QueryPlan.build(plain, query_start_loc, seq_lens, pattern, inv_freq)
+            plan = QueryPlan.build(todo, query_start_loc, seq_lens, pattern, inv_freq)
         if block_table.dtype != torch.int32:
             block_table = block_table.to(torch.int32)
-        if kernel_rows(query, kv_cache, block_table, plan, style=style, scale=scale, out=out):
-            plain = []
-    for i in plain + with_top_k:
+        lse = query.new_empty(query.shape[:2], dtype=torch.float32) if with_top_k else None
+        if kernel_rows(query, kv_cache, block_table, plan, style=style, scale=scale, out=out, lse=lse):
+            for i in with_top_k:
+                a, b = query_start_loc[i], query_start_loc[i + 1]
+                freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
+                _merge_middle(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq,
+                              scale, out[a:b], lse[a:b], top_k, i, block_summary)
+            return out
+    for i in todo:
         a, b = query_start_loc[i], query_start_loc[i + 1]
         freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
         _torch_rows(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq, scale,

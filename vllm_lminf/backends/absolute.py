@@ -94,10 +94,7 @@ class Wave:
     inside_rows: torch.Tensor | None  # their rows within the wave, None: every row of the wave
     beyond: list[int]  # the other sequences: our kernel
     plan: QueryPlan | None  # our kernel's inputs for them
-    # Top-k layers: the step's rule (per wave sequence) and the plan of the beyond
-    # sequences without top-k rows (those with some run the torch code).
-    top_k: TopKRows | None = None
-    plan_without_top_k: QueryPlan | None = None
+    top_k: TopKRows | None = None  # top-k layers: the step's rule, per wave sequence
     # CLEX only (q and k arrive unrotated): per-row rotation (vLLM's rotary op over a
     # cos|sin table with one row per wave row, angles taken in float64) and query scale,
     # the wave's cache slots, and the cached keys to re-rotate before the wave because
@@ -127,8 +124,6 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
             raise ValueError("vllm-lminf: all layers of one KV-cache group must share one Λ pattern and RoPE")
         self.pattern, self.inv_freq, self.clex = impl.pattern, impl.inv_freq, impl.clex
         self.top_k = group_top_k(impls.values(), kv_cache_spec.block_size, impl.pattern.n_local)
-        # plain Λ layers in this group need the plan for every beyond sequence
-        self.plain_layers = any(i.top_k is None for i in impls.values())
         if self.clex is not None:
             vllm_compat.track_prompt_lengths()
 
@@ -154,17 +149,9 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
             else:
                 sub, inside_rows = _subset(m, batch, inside)
                 vllm_md = super().build(0, sub)
-        def plan_of(seqs):
-            return QueryPlan.build(seqs, batch.query_start_loc, batch.seq_lens, self.pattern, inv_freq) \
-                if seqs else None
-
-        plan = plan_of(beyond) if self.top_k is None or self.plain_layers else None
-        wave = Wave(rows, batch, inv_freq, vllm_md, inside_rows, beyond, plan)
-        wave.top_k = top_k
-        if top_k is not None and beyond:
-            wave.plan_without_top_k = plan_of(
-                [i for i in beyond if not top_k.uses(i, batch.seq_lens[i] - 1, self.pattern)])
-        return wave
+        plan = QueryPlan.build(beyond, batch.query_start_loc, batch.seq_lens, self.pattern, inv_freq) \
+            if beyond else None
+        return Wave(rows, batch, inv_freq, vllm_md, inside_rows, beyond, plan, top_k)
 
     def _clex_waves(self, m: CommonAttentionMetadata, batch: StepBatch) -> list[Wave]:
         """Wave w holds the w-th run of one t of every sequence (one wave but for a chunk
@@ -325,8 +312,7 @@ class AbsoluteImpl(CPUAttentionBackendImpl):
             lambda_attention_absolute(q, kv_cache, b.block_table, b.query_start_loc, b.seq_lens,
                                       pattern=self.pattern, style=self.style, inv_freq=wave.inv_freq,
                                       scale=self.scale, out=out, sequences=wave.beyond, top_k=top_k,
-                                      block_summary=summary,
-                                      plan=wave.plan if top_k is None else wave.plan_without_top_k)
+                                      block_summary=summary, plan=wave.plan)
 
 
 class AbsoluteBackend(LambdaBackend, CPUAttentionBackend):

@@ -272,7 +272,7 @@ template <typename T>
 void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Tensor& glob_sin,
                const at::Tensor& kv_cache, const at::Tensor& block_table, const at::Tensor& rows,
                const at::Tensor& lo, const at::Tensor& pos, const at::Tensor& n_glob, at::Tensor& out,
-               float scale, int64_t rotary_dim, bool neox, int64_t chunk_tokens, int64_t query_tile) {
+               at::Tensor& lse, float scale, int64_t rotary_dim, bool neox, int64_t chunk_tokens, int64_t query_tile) {
   const int64_t S = q_loc.size(0), Hq = q_loc.size(1), D = q_loc.size(2);
   const int64_t Hkv = kv_cache.size(1), B = kv_cache.size(2);
   const int64_t group = Hq / Hkv;
@@ -437,6 +437,7 @@ void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Te
   // Merge the chunks of each (tile, kv head). A small merge (decode) runs on this thread:
   // waking the pool again would cost more than the work.
   float* o = out.data_ptr<float>();
+  float* lse_o = lse.data_ptr<float>();  // log-sum-exp of each row's logits (top-k merges into it)
   const int64_t merge_grain = part_at[NT] < kSerialMergeFloats ? NT * Hkv : 1;
   at::parallel_for(0, NT * Hkv, merge_grain, [&](int64_t begin, int64_t end) {
     for (int64_t th = begin; th < end; ++th) {
@@ -459,12 +460,13 @@ void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Te
         }
         const float inv = 1.0f / denom;
         for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+        lse_o[(tiles[t].first + r / group) * Hq + h * group + r % group] = mx + std::log(denom);
       }
     }
   });
 }
 
-at::Tensor lambda_rows(const at::Tensor& q, const at::Tensor& glob_cos, const at::Tensor& glob_sin,
+std::tuple<at::Tensor, at::Tensor> lambda_rows(const at::Tensor& q, const at::Tensor& glob_cos, const at::Tensor& glob_sin,
                        const at::Tensor& kv_cache, const at::Tensor& block_table, const at::Tensor& rows,
                        const at::Tensor& lo, const at::Tensor& pos, const at::Tensor& n_glob, double scale,
                        int64_t rotary_dim, bool neox, int64_t chunk_tokens, int64_t query_tile) {
@@ -484,12 +486,13 @@ at::Tensor lambda_rows(const at::Tensor& q, const at::Tensor& glob_cos, const at
                 "rows/lo/pos/n_glob must be contiguous int64 [S]");
   TORCH_CHECK(query_tile >= 1, "query_tile must be >= 1");
   at::Tensor out = at::empty(q.sizes(), q.options());
-  if (q.size(0) == 0) return out;
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options());
+  if (q.size(0) == 0) return {out, lse};
   // rows of one tile share registers: at most kMaxGroup (query x head) rows per tile pays off
   const int64_t group = q.size(1) / kv_cache.size(1);
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(query_tile, kMaxGroupRows / std::max<int64_t>(group, 1)));
   const float sc = static_cast<float>(scale);
-#define LMINF_CALL(T) rows_impl<T>(q, glob_cos, glob_sin, kv_cache, block_table, rows, lo, pos, n_glob, out, sc, rotary_dim, neox, chunk_tokens, tile)
+#define LMINF_CALL(T) rows_impl<T>(q, glob_cos, glob_sin, kv_cache, block_table, rows, lo, pos, n_glob, out, lse, sc, rotary_dim, neox, chunk_tokens, tile)
   switch (kv_cache.scalar_type()) {
     case at::kFloat: LMINF_CALL(float); break;
     case at::kBFloat16: LMINF_CALL(c10::BFloat16); break;
@@ -497,7 +500,7 @@ at::Tensor lambda_rows(const at::Tensor& q, const at::Tensor& glob_cos, const at
     default: TORCH_CHECK(false, "kv_cache dtype must be float32, bfloat16 or float16");
   }
 #undef LMINF_CALL
-  return out;
+  return {out, lse};
 }
 
 }  // namespace
@@ -505,7 +508,7 @@ at::Tensor lambda_rows(const at::Tensor& q, const at::Tensor& glob_cos, const at
 TORCH_LIBRARY(lminf_cpu, m) {
   m.def("lambda_rows(Tensor q, Tensor glob_cos, Tensor glob_sin, Tensor kv_cache, Tensor block_table, "
         "Tensor rows, Tensor lo, Tensor pos, Tensor n_glob, float scale, int rotary_dim, bool neox, "
-        "int chunk_tokens, int query_tile) -> Tensor");
+        "int chunk_tokens, int query_tile) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lminf_cpu, CPU, m) { m.impl("lambda_rows", &lambda_rows); }
