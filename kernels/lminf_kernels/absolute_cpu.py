@@ -23,12 +23,11 @@ import torch
 
 from .absolute_cpp import lambda_op
 from .paged import (absolute_views, attend_local, band_mask, from_head_rows,
-                    gather_span, global_seen, merge_global, to_head_rows)
+                    gather_span, global_seen, merge_global, merge_partials, to_head_rows)
 from .pattern import UNBOUNDED, LambdaPattern
 from .raw_torch import DEFAULT_QUERY_TILE
 from .rope import RopeStyle, absolute_cos_sin, rotate
-from .topk import (TopKRows, attend_middle, attend_middle_blocks, merge_partials, middle_values, row_rule,
-                   summarize_blocks)
+from .topk import TopKRows, attend_middle, attend_middle_blocks, middle_values, row_rule, summarize_blocks
 
 # Keys per work item of the C++ kernel when few queries must share the cores (decode: one
 # long window split across cores); with many queries (prefill) each tile takes whole windows.
@@ -109,9 +108,9 @@ def update_block_summaries(kv_cache: torch.Tensor, summary: torch.Tensor, filled
 
 
 def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale, out, query_tile,
-                top_k: TopKRows | None = None, seq: int = 0, block_summary: torch.Tensor | None = None):
-    """Λ attention of one sequence's consecutive queries [first_pos, first_pos + T); with
-    `top_k`, sequence `seq` of that rule (block mode reads `block_summary`)."""
+                lse_out: torch.Tensor | None = None):
+    """Λ attention of one sequence's consecutive queries [first_pos, first_pos + T); each
+    row's log-sum-exp into `lse_out` [T, Hq] when given (as the C++ kernel returns it)."""
     tq_all, hq, dh = query.shape
     hkv = kv_cache.shape[1]
     group = hq // hkv
@@ -120,9 +119,6 @@ def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale
     k_span, v_span = gather_span(views, row, span_lo, first_pos + tq_all)
     # contiguous copies: torch's CPU flash kernel misreads some strided K/V views
     k_span, v_span = k_span.to(torch.float32).contiguous(), v_span.to(torch.float32).contiguous()
-    middle = None
-    if top_k is not None and not top_k.blocks:
-        middle = _middle_keys(views, row, first_pos + tq_all - pattern.n_local, pattern, style, inv_freq)
     for t0 in range(0, tq_all, query_tile):
         t1 = min(tq_all, t0 + query_tile)
         tq = t1 - t0
@@ -133,19 +129,6 @@ def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale
         keys = slice(lo - span_lo, pb + 1 - span_lo)
         mask = band_mask(pa, pb, lo, pattern.n_local, group) if tq > 1 else None
         res, lse = attend_local(q_heads, k_span[:, keys], v_span[:, keys], mask, scale)
-        if top_k is not None:
-            # R(distance - p) R(p) q = R(distance) q_raw, against the raw middle keys
-            pos = torch.arange(pa, pb + 1)
-            c, s = absolute_cos_sin(top_k.distance - pos, inv_freq)
-            q_mid = to_head_rows(rotate(q, c[:, None], s[:, None], style), hkv).reshape(hkv, group * tq, dh)
-            counts, use = row_rule(pos, top_k.first_pos[seq], top_k.k, pattern, group)
-            if top_k.blocks:
-                fetch = _absolute_fetch(views, row, top_k.block_size, style, inv_freq)
-                part = attend_middle_blocks(q_mid, block_summary, row, fetch, (pos - pattern.n_local).repeat(group),
-                                            use, top_k.k, scale, top_k.block_size, pattern.n_global)
-            else:
-                part = attend_middle(q_mid, *middle, counts, use, top_k.k, scale)
-            res, lse = merge_partials(res, lse, *part)
         g_hi = pattern.global_end(pb)
         if g_hi > 0:
             k_g, v_g = gather_span(views, row, 0, g_hi)
@@ -154,8 +137,10 @@ def _torch_rows(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale
             s_g = torch.einsum("hgtjd,hjd->hgtj", q_g, k_g.to(torch.float32)) * scale
             seen = global_seen(pa, pb, g_hi, pattern.n_local)
             s_g = s_g.masked_fill(~seen, float("-inf")).reshape(hkv, group * tq, g_hi)
-            res = merge_global(res, lse, s_g, v_g)
+            res, lse = merge_global(res, lse, s_g, v_g)
         out[t0:t1] = from_head_rows(res, tq).to(out.dtype)
+        if lse_out is not None:
+            lse_out[t0:t1] = from_head_rows(lse[..., None], tq)[..., 0]
 
 
 @dataclass
@@ -221,8 +206,8 @@ def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, 
 
 def _merge_middle(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale, out, lse, top_k: TopKRows,
                   seq: int, block_summary) -> None:
-    """Top-k rows of one sequence whose Λ result (out [T, Hq, D], lse [T, Hq], from the C++
-    kernel) is computed: their middle partial softmax merged in."""
+    """Top-k rows of one sequence whose Λ result (out [T, Hq, D], lse [T, Hq]) is computed:
+    their middle partial softmax merged in."""
     tq, hq, dh = query.shape
     hkv = kv_cache.shape[1]
     group = hq // hkv
@@ -261,8 +246,8 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
     [num_seqs, R/2] per sequence (CLEX), float32. plan: the step's `QueryPlan` for exactly
     `sequences` (built here when not given). sequences: compute only these (others' output
     rows are left untouched). use_extension=False: torch only. top_k: the step's top-k rule
-    (None: Λ only): the C++ kernel computes Λ and its log-sum-exp, the middle partial of
-    the rows that use top-k is merged in (`topk.py`). block_summary: the layer's block
+    (None: Λ only): the C++ kernel (or the torch code) computes Λ and its log-sum-exp, the
+    middle partial of the rows that use top-k is merged in (`topk.py`). block_summary: the layer's block
     summaries (block mode, `update_block_summaries`).
     """
     if out is None:
@@ -271,24 +256,23 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
     todo = range(len(seq_lens)) if sequences is None else sequences
     todo = [i for i in todo if query_start_loc[i + 1] > query_start_loc[i]]
     with_top_k = [i for i in todo if top_k is not None and top_k.uses(i, seq_lens[i] - 1, pattern)]
+    lse = query.new_empty(query.shape[:2], dtype=torch.float32) if with_top_k else None
+    on_kernel = False
     if todo and use_extension:
         if plan is None:
             plan = QueryPlan.build(todo, query_start_loc, seq_lens, pattern, inv_freq)
         if block_table.dtype != torch.int32:
             block_table = block_table.to(torch.int32)
-        lse = query.new_empty(query.shape[:2], dtype=torch.float32) if with_top_k else None
-        if kernel_rows(query, kv_cache, block_table, plan, style=style, scale=scale, out=out, lse=lse):
-            for i in with_top_k:
-                a, b = query_start_loc[i], query_start_loc[i + 1]
-                freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
-                _merge_middle(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq,
-                              scale, out[a:b], lse[a:b], top_k, i, block_summary)
-            return out
+        on_kernel = kernel_rows(query, kv_cache, block_table, plan, style=style, scale=scale, out=out, lse=lse)
     for i in todo:
         a, b = query_start_loc[i], query_start_loc[i + 1]
         freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
-        _torch_rows(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq, scale,
-                    out[a:b], query_tile, top_k if i in with_top_k else None, i, block_summary)
+        if not on_kernel:
+            _torch_rows(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq, scale,
+                        out[a:b], query_tile, None if lse is None else lse[a:b])
+        if i in with_top_k:
+            _merge_middle(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq,
+                          scale, out[a:b], lse[a:b], top_k, i, block_summary)
     return out
 
 

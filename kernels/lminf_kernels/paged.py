@@ -121,12 +121,21 @@ def global_seen(pa: int, pb: int, g_hi: int, n_local: int) -> torch.Tensor:
     return torch.arange(g_hi)[None, :] <= pos - n_local
 
 
-def merge_global(res: torch.Tensor, lse: torch.Tensor, s_g: torch.Tensor, v_g: torch.Tensor) -> torch.Tensor:
+def merge_partials(res: torch.Tensor, lse: torch.Tensor, res2: torch.Tensor,
+                   lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax from two partial ones over disjoint key sets: (output [H, M, Dv],
+    lse [H, M]) each; `lse` must be finite (every row sees its own key), `lse2` may be -inf."""
+    top = torch.maximum(lse, lse2)
+    w1, w2 = torch.exp(lse - top), torch.exp(lse2 - top)
+    total = w1 + w2
+    return (res * w1[..., None] + res2 * w2[..., None]) / total[..., None], top + torch.log(total)
+
+
+def merge_global(res: torch.Tensor, lse: torch.Tensor, s_g: torch.Tensor,
+                 v_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One softmax over local and global keys from the local result (res, lse) and the
-    global logits s_g [H, M, g] (-inf where not seen; a row may see none) with v_g [H, g, Dv]."""
+    global logits s_g [H, M, g] (-inf where not seen; a row may see none) with v_g [H, g, Dv];
+    returns the merged (output, lse)."""
     lse_g = torch.logsumexp(s_g, dim=-1)
     p_g = torch.exp(s_g - lse_g.clamp(min=-1e30)[..., None])  # rows with no global key stay 0
-    o_g = torch.bmm(p_g, v_g.to(p_g.dtype))
-    m = torch.maximum(lse, lse_g)
-    w1, w2 = torch.exp(lse - m), torch.exp(lse_g - m)
-    return (res * w1[..., None] + o_g * w2[..., None]) / (w1 + w2)[..., None]
+    return merge_partials(res, lse, torch.bmm(p_g, v_g.to(p_g.dtype)), lse_g)

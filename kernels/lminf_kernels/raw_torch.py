@@ -16,11 +16,10 @@ from __future__ import annotations
 import torch
 
 from .paged import (attend_local, band_mask, from_head_rows, gather_span,
-                    global_seen, merge_global, raw_views, to_head_rows)
+                    global_seen, merge_global, merge_partials, raw_views, to_head_rows)
 from .pattern import LambdaPattern
 from .rope import RopeStyle, cos_sin, cos_sin_table, rotate
-from .topk import (TopKRows, attend_middle, attend_middle_blocks, merge_partials, middle_values, row_rule,
-                   summarize_blocks)
+from .topk import TopKRows, attend_middle, attend_middle_blocks, middle_values, row_rule, summarize_blocks
 
 DEFAULT_QUERY_TILE = 256
 
@@ -111,7 +110,7 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                 q_g = rotate(q_heads, gcos, gsin, style).reshape(hkv, group * tq, dh)
                 seen = global_seen(pa, pb, g_hi, pattern.n_local).repeat(group, 1)
                 s_g = torch.bmm(q_g, k_g.to(torch.float32).transpose(1, 2)) * scale
-                res = merge_global(res, lse, s_g.masked_fill(~seen, float("-inf")), v_g)
+                res, lse = merge_global(res, lse, s_g.masked_fill(~seen, float("-inf")), v_g)
 
             out[t0:t1] = from_head_rows(res, tq)
     return out

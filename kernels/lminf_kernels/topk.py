@@ -16,7 +16,7 @@ A row whose middle touches fewer than `k` blocks is plain Λ. Per row the work i
 O(middle blocks + k * block_size), not O(middle keys).
 
 The torch paths (`raw_torch`, `absolute_cpu`) call `attend_middle` / `attend_middle_blocks`
-for a tile of rows after their local softmax and merge with `merge_partials`; `naive.py` is
+for a tile of rows after their local softmax and merge with `paged.merge_partials`; `naive.py` is
 the dense reference.
 """
 
@@ -114,16 +114,6 @@ def attend_middle(q: torch.Tensor, k_mid: torch.Tensor, v_mid: torch.Tensor, cou
         out[:, r] = torch.einsum("hrk,hrkd->hrd", p, v_sel.to(p.dtype))
         lse[:, r] = lse_r
     return out, lse
-
-
-def merge_partials(res: torch.Tensor, lse: torch.Tensor, res2: torch.Tensor,
-                   lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One softmax from two partial ones over disjoint key sets: (output [H, M, Dv],
-    lse [H, M]) each; `lse` must be finite (every row sees its own key), `lse2` may be -inf."""
-    top = torch.maximum(lse, lse2)
-    w1, w2 = torch.exp(lse - top), torch.exp(lse2 - top)
-    total = w1 + w2
-    return (res * w1[..., None] + res2 * w2[..., None]) / total[..., None], top + torch.log(total)
 
 
 def filled_blocks(block_table: torch.Tensor, query_start_loc: list[int], seq_lens: list[int],
