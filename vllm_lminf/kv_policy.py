@@ -49,9 +49,18 @@ from .vllm_compat import (
 )
 
 
-def _same_type(cls, specs) -> None:
+def _merge_own_kind(cls, specs, what: str):
+    """`merge` for the plugin's FullAttentionSpec subclasses: vLLM's fields merged by
+    FullAttentionSpec, the subclass's own fields equal across the group."""
     # vLLM's grouping tries `merge` on mixed lists and reads an AssertionError as "not one group"
     assert all(type(s) is cls for s in specs), f"{cls.__name__} merges only with its own kind"
+    vllm_fields = [f.name for f in fields(FullAttentionSpec)]
+    own_fields = [f.name for f in fields(cls) if f.name not in vllm_fields]
+    own = {tuple(getattr(s, n) for n in own_fields) for s in specs}
+    if len(own) != 1:
+        raise ValueError(f"all layers of one KV cache group must share one {what}")
+    base = FullAttentionSpec.merge(specs)
+    return cls(**{n: getattr(base, n) for n in vllm_fields}, **dict(zip(own_fields, own.pop())))
 
 
 def _key_hits_by_clex_scale(clex_scale: tuple[int, int, bool] | None) -> None:
@@ -75,12 +84,7 @@ class ClexAttentionSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs: list[ClexAttentionSpec]) -> ClexAttentionSpec:
-        _same_type(cls, specs)
-        scales = {getattr(s, "clex_scale", None) for s in specs}
-        if len(scales) != 1 or None in scales:
-            raise ValueError("all layers of one KV cache group must share one CLEX scale")
-        base = FullAttentionSpec.merge(specs)
-        return cls(**{f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)}, clex_scale=scales.pop())
+        return _merge_own_kind(cls, specs, "CLEX scale")
 
 
 class ClexAttentionManager(FullAttentionManager):
@@ -98,12 +102,7 @@ class KeepAllAttentionSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs: list[KeepAllAttentionSpec]) -> KeepAllAttentionSpec:
-        _same_type(cls, specs)
-        scales = {s.clex_scale for s in specs}
-        if len(scales) != 1:
-            raise ValueError("all layers of one KV cache group must share one CLEX scale")
-        base = FullAttentionSpec.merge(specs)
-        return cls(**{f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)}, clex_scale=scales.pop())
+        return _merge_own_kind(cls, specs, "CLEX scale")
 
 
 class KeepAllAttentionManager(FullAttentionManager):
@@ -134,18 +133,7 @@ class LambdaAttentionSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs: list[LambdaAttentionSpec]) -> LambdaAttentionSpec:
-        _same_type(cls, specs)
-        own = {(s.n_global, s.n_local, s.in_flight_tokens, s.max_model_len, s.clex_scale)
-               for s in specs if isinstance(s, LambdaAttentionSpec)}
-        if len(own) != 1 or len(specs) != sum(isinstance(s, LambdaAttentionSpec) for s in specs):
-            raise ValueError("all layers of one KV cache group must share one lm_infinite window")
-        base = FullAttentionSpec.merge(specs)
-        n_global, n_local, in_flight, max_len, clex_scale = own.pop()
-        return cls(
-            **{f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)},
-            n_global=n_global, n_local=n_local, in_flight_tokens=in_flight, max_model_len=max_len,
-            clex_scale=clex_scale,
-        )
+        return _merge_own_kind(cls, specs, "lm_infinite window")
 
 
 def too_small_message(spec: LambdaAttentionSpec, usable_blocks: int) -> str:
