@@ -28,20 +28,26 @@ def rotation_matrix(delta: int, inv_freq: torch.Tensor, head: int, style: RopeSt
     return m
 
 
-def formula_attention(q, k, v, q_pos, pattern, style, inv_freq, scale):
-    """LM-Infinite written out pair by pair with explicit rotation matrices."""
+def formula_attention(q, k, v, q_pos, pattern, style, inv_freq, scale, middle=None):
+    """LM-Infinite written out pair by pair with explicit rotation matrices. middle(t, h, p):
+    for a row with top-k middle attention, (distance, the middle keys it also sees at that
+    distance); None (or no `middle`): plain Λ."""
     tq, hq, dh = q.shape
     group = hq // k.shape[1]
     out = torch.zeros(tq, hq, v.shape[-1], dtype=torch.float64)
     for t in range(tq):
         p = int(q_pos[t])
         for h in range(hq):
+            extra = middle(t, h, p) if middle is not None else None
+            mid_distance, mid_keys = extra if extra is not None else (None, ())
             logits, vals = [], []
             for j in range(p + 1):
                 if p - pattern.n_local < j:
                     delta = p - j
                 elif j < pattern.n_global:
                     delta = pattern.distance_limit
+                elif j in mid_keys:
+                    delta = mid_distance
                 else:
                     continue
                 rq = rotation_matrix(delta, inv_freq, dh, style) @ q[t, h].double()

@@ -4,6 +4,8 @@ CPU fast path stores them) against the dense float64 reference. No vLLM needed."
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from lminf_kernels.naive import lambda_attention_dense, lambda_paged_attention_n
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.raw_torch import lambda_paged_attention
 from lminf_kernels.rope import RopeStyle
-from lminf_kernels.topk import TopKRows
+from lminf_kernels.topk import TopKRows, filled_blocks
 
 from helpers.kernel_cases import (CASES, absolute_queries, build_paged, case_inputs, make_inv_freq,
                                   poison_unread_blocks, rel_err, to_absolute_layout)
@@ -22,35 +24,16 @@ from test_kernels_torch import formula_attention, rotation_matrix
 def formula_top_k(q, k, v, q_pos, pattern, style, inv_freq, scale, top_k, distance, rows):
     """LM-Infinite with top-k written out per (row, head): the Λ keys at their distances,
     plus the `top_k` middle keys whose logit at `distance` is largest (Python sort)."""
-    tq, hq, dh = q.shape
-    group = hq // k.shape[1]
-    out = formula_attention(q, k, v, q_pos, pattern, style, inv_freq, scale)
-    for t in range(tq):
-        p = int(q_pos[t])
-        middle = list(range(pattern.n_global, p - pattern.n_local + 1))
-        if not rows[t] or len(middle) < top_k:
-            continue
-        for h in range(hq):
-            logits, vals = [], []
-            for j in range(p + 1):
-                if p - pattern.n_local < j:
-                    delta = p - j
-                elif j < pattern.n_global:
-                    delta = pattern.distance_limit
-                else:
-                    continue
-                rq = rotation_matrix(delta, inv_freq, dh, style) @ q[t, h].double()
-                logits.append(float(scale * torch.dot(rq, k[j, h // group].double())))
-                vals.append(v[j, h // group].double())
-            rq = rotation_matrix(distance, inv_freq, dh, style) @ q[t, h].double()
-            scored = sorted(((float(scale * torch.dot(rq, k[j, h // group].double())), j) for j in middle),
-                            reverse=True)[:top_k]
-            for logit, j in scored:
-                logits.append(logit)
-                vals.append(v[j, h // group].double())
-            w = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
-            out[t, h] = (w[:, None] * torch.stack(vals)).sum(0)
-    return out
+    group = q.shape[1] // k.shape[1]
+
+    def middle(t, h, p):
+        keys = range(pattern.n_global, p - pattern.n_local + 1)
+        if not rows[t] or len(keys) < top_k:
+            return None
+        rq = rotation_matrix(distance, inv_freq, q.shape[-1], style) @ q[t, h].double()
+        return distance, set(sorted(keys, key=lambda j: -float(torch.dot(rq, k[j, h // group].double())))[:top_k])
+
+    return formula_attention(q, k, v, q_pos, pattern, style, inv_freq, scale, middle)
 
 
 @pytest.mark.parametrize(
@@ -187,40 +170,24 @@ def test_gqa_selects_per_query_head(seed):
 def formula_top_k_blocks(q, k, v, q_pos, pattern, style, inv_freq, scale, top_k, distance, block_size):
     """Block mode written out per (row, head): each middle block's bound from explicit
     rotation matrices and Python max/min loops, the k best blocks' middle keys at `distance`."""
-    tq, hq, dh = q.shape
-    group = hq // k.shape[1]
-    out = formula_attention(q, k, v, q_pos, pattern, style, inv_freq, scale)
-    for t in range(tq):
-        p = int(q_pos[t])
-        middle = list(range(pattern.n_global, p - pattern.n_local + 1))
-        blocks = sorted({j // block_size for j in middle})
+    dh = q.shape[-1]
+    group = q.shape[1] // k.shape[1]
+
+    def middle(t, h, p):
+        keys = range(pattern.n_global, p - pattern.n_local + 1)
+        blocks = sorted({j // block_size for j in keys})
         if len(blocks) < top_k:
-            continue
-        for h in range(hq):
-            kv = h // group
-            rq = rotation_matrix(distance, inv_freq, dh, style) @ q[t, h].double()
-            bound = {}
-            for b in blocks:
-                rows = [k[j, kv].double() for j in range(b * block_size, (b + 1) * block_size)]
-                bound[b] = sum(max(float(rq[c]) * max(float(r[c]) for r in rows),
-                                   float(rq[c]) * min(float(r[c]) for r in rows)) for c in range(dh))
-            best = sorted(blocks, key=lambda b: -bound[b])[:top_k]
-            logits, vals = [], []
-            for j in range(p + 1):
-                if p - pattern.n_local < j:
-                    delta = p - j
-                elif j < pattern.n_global:
-                    delta = pattern.distance_limit
-                elif j // block_size in best:
-                    delta = distance
-                else:
-                    continue
-                rqj = rotation_matrix(delta, inv_freq, dh, style) @ q[t, h].double()
-                logits.append(float(scale * torch.dot(rqj, k[j, kv].double())))
-                vals.append(v[j, kv].double())
-            w = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
-            out[t, h] = (w[:, None] * torch.stack(vals)).sum(0)
-    return out
+            return None
+        rq = rotation_matrix(distance, inv_freq, dh, style) @ q[t, h].double()
+        bound = {}
+        for b in blocks:
+            rows = [k[j, h // group].double() for j in range(b * block_size, (b + 1) * block_size)]
+            bound[b] = sum(max(float(rq[c]) * max(float(r[c]) for r in rows),
+                               float(rq[c]) * min(float(r[c]) for r in rows)) for c in range(dh))
+        best = sorted(blocks, key=lambda b: -bound[b])[:top_k]
+        return distance, {j for j in keys if j // block_size in best}
+
+    return formula_attention(q, k, v, q_pos, pattern, style, inv_freq, scale, middle)
 
 
 def test_dense_block_mode_matches_the_rule(seed):
@@ -245,30 +212,13 @@ BLOCK_CASES = [
 ]
 
 
-def block_inputs(case, neox, hq=6, hkv=2, dh=16):
-    seq_lens, q_lens, pattern, bs, _, _, _ = case
-    style = RopeStyle(12 if not neox else 16, neox)
-    cache, table = build_paged(seq_lens, hkv, dh, bs)
-    qsl = [0]
-    for n in q_lens:
-        qsl.append(qsl[-1] + n)
-    query = torch.randn(qsl[-1], hq, dh)
-    kw = dict(pattern=pattern, style=style, inv_freq=make_inv_freq(style.rotary_dim), scale=dh**-0.5)
-    return cache, table, qsl, query, kw
+def block_inputs(case, neox):
+    return case_inputs(case[:5], neox)  # the extra (k blocks, distance) are the test's
 
 
 def every_full_block(table, seq_lens, bs):
     """What earlier steps filled: every full block of each sequence (ids, first positions, sequence)."""
-    from lminf_kernels.topk import filled_blocks
-
-    return filled_blocks(table, _qsl_all(seq_lens), seq_lens, bs)
-
-
-def _qsl_all(seq_lens):
-    out = [0]
-    for s in seq_lens:
-        out.append(out[-1] + s)
-    return out
+    return filled_blocks(table, [0, *itertools.accumulate(seq_lens)], seq_lens, bs)
 
 
 @pytest.mark.parametrize("layout", ["raw", "absolute"])
@@ -314,8 +264,6 @@ def test_block_mode_with_every_middle_block_equals_exact_mode_with_every_middle_
 
 
 def test_filled_blocks_are_the_blocks_whose_last_slot_this_step_writes():
-    from lminf_kernels.topk import filled_blocks
-
     table = torch.arange(40).view(4, 10)
     ids, first, seq = filled_blocks(table, [0, 1, 41, 41, 44], [16, 57, 5, 48], 16)
     # seq 0: token 15 fills block 0; seq 1: tokens 17..56 fill blocks 1, 2; seq 2: nothing; seq 3: 45..47 fill block 2
