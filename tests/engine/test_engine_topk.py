@@ -5,13 +5,15 @@ small that it preempts, aborts, and prefix-cache hits. Engines run in subprocess
 
 from __future__ import annotations
 
+import functools
+
 import random
 
 import pytest
 import torch
 
 from helpers.engine import run_engine
-from helpers.probe import conversations, kv_groups, tracked
+from helpers.probe import conversations, kv_groups, run_tracked, same_outputs
 from helpers.reference import Reference, token_logprobs
 from helpers.tiny_checkpoint import make_tiny_llama
 
@@ -69,18 +71,7 @@ def test_logprobs_match_float64_reference_on_hybrid_groups(model, prompts_of, ro
             assert (got - plain).abs().max().item() > 1e-2
 
 
-def probe(model, prompts, *, overrides, max_tokens, engine=None, **kw):
-    eng = dict(max_model_len=65536, block_size=B, max_num_batched_tokens=128, hf_overrides=overrides)
-    eng.update(engine or {})
-    return run_engine(model, [], engine=eng, probe=tracked,
-                      probe_args=dict(kw, prompts=prompts, max_tokens=max_tokens))["extra"]
-
-
-def same_outputs(a, b, tol=2e-4):
-    assert a["tokens"] == b["tokens"]
-    x = torch.tensor(a["prompt_logprobs"][1:] + a["logprobs"])
-    y = torch.tensor(b["prompt_logprobs"][1:] + b["logprobs"])
-    assert (x - y).abs().max().item() <= tol
+probe = functools.partial(run_tracked, block_size=B)
 
 
 def test_lambda_layers_free_their_middle_top_k_layers_keep_it(model, prompts_of):

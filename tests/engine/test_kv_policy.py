@@ -4,13 +4,14 @@ Engines run in subprocesses (helpers.engine) and are stepped by helpers.probe.tr
 
 from __future__ import annotations
 
+import functools
+
 import random
 
 import pytest
-import torch
 
 from helpers.engine import run_engine
-from helpers.probe import conversations, tracked
+from helpers.probe import conversations, run_tracked, same_outputs
 from helpers.tiny_checkpoint import make_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -36,19 +37,7 @@ def prompts_of(seed):
     return draw
 
 
-def probe(model, prompts, *, overrides, max_tokens, engine=None, **kw):
-    eng = dict(max_model_len=65536, block_size=B, max_num_batched_tokens=128, hf_overrides=overrides)
-    eng.update(engine or {})
-    # generate() is given no prompts: all work happens in the probe
-    args = dict(kw, prompts=prompts, max_tokens=max_tokens)
-    return run_engine(model, [], engine=eng, probe=tracked, probe_args=args)["extra"]
-
-
-def same_outputs(a, b, tol=2e-4):
-    assert a["tokens"] == b["tokens"]
-    x = torch.tensor(a["prompt_logprobs"][1:] + a["logprobs"])
-    y = torch.tensor(b["prompt_logprobs"][1:] + b["logprobs"])
-    assert (x - y).abs().max().item() <= tol
+probe = functools.partial(run_tracked, block_size=B)
 
 
 def test_eviction_equals_keeping_every_block_and_never_reads_freed_blocks(model, prompts_of):

@@ -213,3 +213,26 @@ def kv_groups(llm, results):
     return [{"manager": type(m).__name__, "spec": type(g.kv_cache_spec).__name__,
              "layers": sorted(extract_layer_index(n) for n in g.layer_names)}
             for m, g in zip(mgr.coordinator.single_type_managers, groups)]
+
+
+# --------------------------------------------------------------------------
+# Test side (the parent process)
+# --------------------------------------------------------------------------
+def run_tracked(model, prompts, *, overrides, max_tokens, block_size, engine=None, **kw):
+    """An engine in a subprocess (max_model_len 65536, chunks of 128 tokens, `engine` on top)
+    stepped by `track`; returns what `track` returned."""
+    from helpers.engine import run_engine
+
+    eng = dict(max_model_len=65536, block_size=block_size, max_num_batched_tokens=128, hf_overrides=overrides)
+    eng.update(engine or {})
+    # generate() is given no prompts: all work happens in the probe
+    return run_engine(model, [], engine=eng, probe=tracked,
+                      probe_args=dict(kw, prompts=prompts, max_tokens=max_tokens))["extra"]
+
+
+def same_outputs(a, b, tol=2e-4):
+    """Equal greedy tokens, and prompt + generated logprobs within `tol`."""
+    assert a["tokens"] == b["tokens"]
+    x = torch.tensor(a["prompt_logprobs"][1:] + a["logprobs"])
+    y = torch.tensor(b["prompt_logprobs"][1:] + b["logprobs"])
+    assert (x - y).abs().max().item() <= tol
