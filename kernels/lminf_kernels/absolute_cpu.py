@@ -208,6 +208,8 @@ def _merge_middle(query, kv_cache, row, first_pos, pattern, style, inv_freq, sca
                   seq: int, block_summary) -> None:
     """Top-k rows of one sequence whose Λ result (out [T, Hq, D], lse [T, Hq]) is computed:
     their middle partial softmax merged in."""
+    skip = max(0, top_k.first_pos[seq] - first_pos)  # rows before the rule's first position stay Λ
+    query, out, lse, first_pos = query[skip:], out[skip:], lse[skip:], first_pos + skip
     tq, hq, dh = query.shape
     hkv = kv_cache.shape[1]
     group = hq // hkv
