@@ -1,8 +1,9 @@
-"""Builds and loads the C++ Λ-attention kernel (`csrc/absolute_cpu.cpp`) on first use.
+"""Builds and loads the C++ kernels (`csrc/absolute_cpu.cpp`: Λ attention, CLEX's key
+re-rotation) on first use.
 
 Compiled with the local compiler for this CPU (`-march=native`) into torch's extension
-cache; later processes load the cached library. Where no compiler works, `lambda_op()`
-returns None and callers use the torch path, which computes the same result.
+cache; later processes load the cached library. Where no compiler works, the ops are None
+and callers use the torch paths, which compute the same result.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ DISABLE_ENV = "LMINF_CPU_EXTENSION"  # "0" forces the torch path
 
 
 @functools.cache
-def lambda_op():
-    """torch.ops.lminf_cpu.lambda_rows, or None (disabled or failed to build)."""
+def _library_loaded() -> bool:
     if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None
+        return False
     try:
         from torch.utils.cpp_extension import load
 
@@ -37,5 +37,15 @@ def lambda_op():
         )
     except Exception as exc:  # no compiler, no headers: same results, slower
         log.warning("vllm-lminf: C++ kernel unavailable (%s); using the torch path", exc)
-        return None
-    return torch.ops.lminf_cpu.lambda_rows
+        return False
+    return True
+
+
+def lambda_op():
+    """torch.ops.lminf_cpu.lambda_rows, or None (disabled or failed to build)."""
+    return torch.ops.lminf_cpu.lambda_rows if _library_loaded() else None
+
+
+def rerotate_op():
+    """torch.ops.lminf_cpu.rerotate_keys, or None (disabled or failed to build)."""
+    return torch.ops.lminf_cpu.rerotate_keys if _library_loaded() else None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .absolute_cpp import lambda_op
+from .absolute_cpp import lambda_op, rerotate_op
 from .paged import (absolute_views, attend_local, band_mask, from_head_rows,
                     gather_span, global_seen, merge_global, merge_partials, to_head_rows)
 from .pattern import UNBOUNDED, LambdaPattern
@@ -304,6 +304,8 @@ class Rerotation:
     cos: torch.Tensor
     sin: torch.Tensor
     inside: torch.Tensor  # [nb, 1, B] bool
+    lo: int  # the same as a slot range counted from the first block's slot 0
+    hi: int
 
     @classmethod
     def plan(cls, block_row: torch.Tensor, lo: int, hi: int, delta_freq: torch.Tensor,
@@ -316,12 +318,18 @@ class Rerotation:
         c = c.view(end - first, block_size, -1).transpose(1, 2).contiguous()
         s = s.view(end - first, block_size, -1).transpose(1, 2).contiguous()
         inside = ((pos >= lo) & (pos < hi))[:, None, :]
-        return cls(block_row[first:end].long(), c, s, inside)
+        start = first * block_size
+        return cls(block_row[first:end].long().contiguous(), c, s, inside, lo - start, hi - start)
 
 
-def rerotate_blocks(kv_cache: torch.Tensor, plan: Rerotation, style: RopeStyle) -> None:
-    """Apply a `Rerotation` to one layer's cache: one gather, a rotation in float32 over
-    [nb, H, D, B] and one scatter (the per-position `rerotate_keys` is its reference)."""
+def rerotate_blocks(kv_cache: torch.Tensor, plan: Rerotation, style: RopeStyle, *, use_extension: bool = True) -> None:
+    """Apply a `Rerotation` to one layer's cache, in place: the C++ op (one pass over the
+    keys, both cores), else one gather, a float32 rotation over [nb, H, D, B] and one
+    scatter. Both give the bits of the per-position `rerotate_keys`, their reference."""
+    op = rerotate_op() if use_extension else None
+    if op is not None:
+        op(kv_cache, plan.blocks, plan.cos, plan.sin, plan.lo, plan.hi, style.rotary_dim, style.neox)
+        return
     n, h, bs, d2 = kv_cache.shape
     keys_t = kv_cache.view(n, h, 2, bs * (d2 // 2))[:, :, 0].view(n, h, d2 // 2, bs)
     x = keys_t[plan.blocks].to(torch.float32)  # [nb, H, D, B]

@@ -142,9 +142,11 @@ def test_extension_builds_here():
     assert absolute_cpp.lambda_op() is not None
 
 
+@pytest.mark.parametrize("use_extension", [True, False], ids=["cpp", "torch"])
 @pytest.mark.parametrize("neox,rotary_dim,dtype", [(True, 64, torch.float32), (False, 64, torch.float32),
-                                                   (True, 32, torch.bfloat16)])
-def test_block_rerotation_against_float64_and_the_per_position_reference(neox, rotary_dim, dtype, seed):
+                                                   (True, 32, torch.bfloat16), (False, 48, torch.bfloat16)])
+def test_block_rerotation_against_float64_and_the_per_position_reference(neox, rotary_dim, dtype, use_extension,
+                                                                         seed):
     """CLEX's t step: keys at [lo, hi) of one sequence, rotated with f, become keys rotated with
     f + δ (a float64 rotation from the raw keys); every other slot (other positions of the same
     blocks, NaN where no token lives, other sequences, values) stays bit for bit. The per-position
@@ -156,10 +158,10 @@ def test_block_rerotation_against_float64_and_the_per_position_reference(neox, r
     f = make_inv_freq(rotary_dim, 10000.0)
     delta = make_inv_freq(rotary_dim, 500.0) - f  # as CLEX: frequencies grow with t
     cache = to_absolute_layout(raw, table, seq_lens, f, style).to(dtype)
-    for lo, hi in [(0, 300), (37, 261), (5, 6), (64, 96)]:
+    for lo, hi in [(0, 300), (37, 261), (5, 6), (64, 96), (31, 33)]:
         fast, slow = cache.clone(), cache.clone()
         plan = absolute_cpu.Rerotation.plan(table[0], lo, hi, delta, bs)
-        absolute_cpu.rerotate_blocks(fast, plan, style)
+        absolute_cpu.rerotate_blocks(fast, plan, style, use_extension=use_extension)
         absolute_cpu.rerotate_keys(slow, table[0], lo, hi, delta, style)
         assert torch.equal(fast.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                            slow.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))

@@ -503,12 +503,81 @@ std::tuple<at::Tensor, at::Tensor> lambda_rows(const at::Tensor& q, const at::Te
   return {out, lse};
 }
 
+// CLEX's t step on one sequence's keys: slots [lo, hi), counted from slot 0 of the first
+// listed block, are rotated further by the angles in cos/sin ([nb, R/2, B]). Products are
+// rounded before they are summed, as torch's float32 ops do (no fused multiply-add), so the
+// torch path gives the same bits.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename T>
+void rerotate_impl(const at::Tensor& kv_cache, const at::Tensor& blocks, const at::Tensor& cos, const at::Tensor& sin,
+                   int64_t lo, int64_t hi, int64_t rotary_dim, bool neox) {
+  const int64_t H = kv_cache.size(1), B = kv_cache.size(2), D = kv_cache.size(3) / 2, half = rotary_dim / 2;
+  const int64_t nb = blocks.size(0);
+  T* base = kv_cache.data_ptr<T>();
+  const int64_t* ids = blocks.data_ptr<int64_t>();
+  const float* cos_all = cos.data_ptr<float>();
+  const float* sin_all = sin.data_ptr<float>();
+  at::parallel_for(0, nb * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / H, h = w % H;
+      const int64_t s0 = std::max<int64_t>(lo - b * B, 0), s1 = std::min<int64_t>(hi - b * B, B);
+      if (s1 <= s0) continue;
+      T* keys = base + (ids[b] * H + h) * 2 * D * B;  // [D][B], then the values
+      for (int64_t i = 0; i < half; ++i) {
+        T* x1 = keys + (neox ? i : 2 * i) * B;
+        T* x2 = keys + (neox ? i + half : 2 * i + 1) * B;
+        const float* c = cos_all + (b * half + i) * B;
+        const float* s = sin_all + (b * half + i) * B;
+        for (int64_t j = s0; j < s1; ++j) {
+          const float a = static_cast<float>(x1[j]), e = static_cast<float>(x2[j]);
+          const float ac = a * c[j], es = e * s[j], ec = e * c[j], as = a * s[j];
+          x1[j] = static_cast<T>(ac - es);
+          x2[j] = static_cast<T>(ec + as);
+        }
+      }
+    }
+  });
+}
+#pragma GCC pop_options
+
+void rerotate_keys(const at::Tensor& kv_cache, const at::Tensor& blocks, const at::Tensor& cos, const at::Tensor& sin,
+                   int64_t lo, int64_t hi, int64_t rotary_dim, bool neox) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(), "kv_cache must be contiguous [N, Hkv, B, 2D]");
+  TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && 2 * rotary_dim <= kv_cache.size(3),
+              "rotary_dim must be even, <= head size");
+  TORCH_CHECK(blocks.dim() == 1 && blocks.scalar_type() == at::kLong && blocks.is_contiguous(),
+              "blocks must be contiguous int64 [nb]");
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->dim() == 3 && t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == blocks.size(0) &&
+                    t->size(1) == rotary_dim / 2 && t->size(2) == kv_cache.size(2),
+                "cos/sin must be contiguous float32 [nb, rotary_dim / 2, block size]");
+  TORCH_CHECK(0 <= lo && lo <= hi && hi <= blocks.size(0) * kv_cache.size(2), "slots [lo, hi) must lie in the blocks");
+  if (blocks.numel() > 0) {
+    const int64_t mn = blocks.min().item<int64_t>(), mx = blocks.max().item<int64_t>();
+    TORCH_CHECK(mn >= 0 && mx < kv_cache.size(0), "block ids must lie in the cache");
+  }
+#define LMINF_CALL(T) rerotate_impl<T>(kv_cache, blocks, cos, sin, lo, hi, rotary_dim, neox)
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat: LMINF_CALL(float); break;
+    case at::kBFloat16: LMINF_CALL(c10::BFloat16); break;
+    case at::kHalf: LMINF_CALL(c10::Half); break;
+    default: TORCH_CHECK(false, "kv_cache dtype must be float32, bfloat16 or float16");
+  }
+#undef LMINF_CALL
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lminf_cpu, m) {
   m.def("lambda_rows(Tensor q, Tensor glob_cos, Tensor glob_sin, Tensor kv_cache, Tensor block_table, "
         "Tensor rows, Tensor lo, Tensor pos, Tensor n_glob, float scale, int rotary_dim, bool neox, "
         "int chunk_tokens, int query_tile) -> (Tensor, Tensor)");
+  m.def("rerotate_keys(Tensor(a!) kv_cache, Tensor blocks, Tensor cos, Tensor sin, int lo, int hi, int rotary_dim, "
+        "bool neox) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(lminf_cpu, CPU, m) { m.impl("lambda_rows", &lambda_rows); }
+TORCH_LIBRARY_IMPL(lminf_cpu, CPU, m) {
+  m.impl("lambda_rows", &lambda_rows);
+  m.impl("rerotate_keys", &rerotate_keys);
+}
