@@ -186,6 +186,9 @@ def main(argv=None) -> int:
 
 
 MEASURED = ("ttft_s", "prefill_tok_s", "decode_tok_s")
+# (plugin config, what a user would run instead): the ratios report() writes
+COMPARED = (("lminf", "stock"), ("lminf", "stock_swa"), ("lminf_topk", "stock"), ("lminf_topk_blocks", "lminf"),
+            ("lminf_topk", "lminf"), ("clex", "yarn"))
 
 
 def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
@@ -229,21 +232,21 @@ def report(results: dict, out: Path) -> None:
                          if r else f"{'-':>28}")
         print(f"{k[0]:>7} {k[1]:>2} | " + " | ".join(cells))
     ratios = {}
-    for k in keys:
-        s, lm, swa = (get.get(n, {}).get(k) for n in ("stock", "lminf", "stock_swa"))
-        if lm and s:
-            ratios.setdefault("decode_vs_stock", {})[f"{k[0]}x{k[1]}"] = lm["decode_tok_s"] / s["decode_tok_s"]
-            ratios.setdefault("ttft_stock_over_lminf", {})[f"{k[0]}x{k[1]}"] = s["ttft_s"] / lm["ttft_s"]
-        if lm and swa:
-            ratios.setdefault("decode_vs_swa", {})[f"{k[0]}x{k[1]}"] = lm["decode_tok_s"] / swa["decode_tok_s"]
-            ratios.setdefault("ttft_swa_over_lminf", {})[f"{k[0]}x{k[1]}"] = swa["ttft_s"] / lm["ttft_s"]
-        if lm and s and len(lm.get("by_round", {}).get("ttft_s", [])) > 1:
-            # the same ratios round by round (each round's engines ran back to back)
-            lr, sr = lm["by_round"], s["by_round"]
-            ratios.setdefault("decode_vs_stock_by_round", {})[f"{k[0]}x{k[1]}"] = [
-                a / b for a, b in zip(lr["decode_tok_s"], sr["decode_tok_s"])]
-            ratios.setdefault("ttft_stock_over_lminf_by_round", {})[f"{k[0]}x{k[1]}"] = [
-                b / a for a, b in zip(lr["ttft_s"], sr["ttft_s"])]
+    for ours, theirs in COMPARED:
+        for k in keys:
+            a, b = get.get(ours, {}).get(k), get.get(theirs, {}).get(k)
+            if not (a and b):
+                continue
+            cell = f"{k[0]}x{k[1]}"
+            # > 1 means `ours` is faster: decode tok/s over theirs, their TTFT over ours
+            ratios.setdefault(f"decode_{ours}_over_{theirs}", {})[cell] = a["decode_tok_s"] / b["decode_tok_s"]
+            ratios.setdefault(f"ttft_speedup_{ours}_over_{theirs}", {})[cell] = b["ttft_s"] / a["ttft_s"]
+            ar, br = a.get("by_round", {}), b.get("by_round", {})
+            if len(ar.get("ttft_s", [])) > 1:  # round by round: each round's engines ran back to back
+                ratios.setdefault(f"decode_{ours}_over_{theirs}_by_round", {})[cell] = [
+                    x / y for x, y in zip(ar["decode_tok_s"], br["decode_tok_s"])]
+                ratios.setdefault(f"ttft_speedup_{ours}_over_{theirs}_by_round", {})[cell] = [
+                    y / x for x, y in zip(ar["ttft_s"], br["ttft_s"])]
     results["ratios"] = ratios
     (out / "throughput.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(ratios, indent=1))

@@ -1,5 +1,5 @@
-"""Builds and loads the C++ kernels (`csrc/absolute_cpu.cpp`: Λ attention, CLEX's key
-re-rotation) on first use.
+"""Builds and loads the C++ kernels (`csrc/absolute_cpu.cpp`: Λ attention, top-k middle
+attention in exact and block mode, CLEX's key re-rotation) on first use.
 
 Compiled with the local compiler for this CPU (`-march=native`) into torch's extension
 cache; later processes load the cached library. Where no compiler works, the ops are None
@@ -49,3 +49,13 @@ def lambda_op():
 def rerotate_op():
     """torch.ops.lminf_cpu.rerotate_keys, or None (disabled or failed to build)."""
     return torch.ops.lminf_cpu.rerotate_keys if _library_loaded() else None
+
+
+def middle_topk_op():
+    """torch.ops.lminf_cpu.middle_topk, or None (disabled or failed to build)."""
+    return torch.ops.lminf_cpu.middle_topk if _library_loaded() else None
+
+
+def middle_blocks_op():
+    """torch.ops.lminf_cpu.middle_blocks, or None (disabled or failed to build)."""
+    return torch.ops.lminf_cpu.middle_blocks if _library_loaded() else None

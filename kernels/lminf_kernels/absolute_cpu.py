@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .absolute_cpp import lambda_op, rerotate_op
+from .absolute_cpp import lambda_op, middle_blocks_op, middle_topk_op, rerotate_op
 from .paged import (absolute_views, attend_local, band_mask, from_head_rows,
                     gather_span, global_seen, merge_global, merge_partials, to_head_rows)
 from .pattern import UNBOUNDED, LambdaPattern
 from .raw_torch import DEFAULT_QUERY_TILE
 from .rope import RopeStyle, absolute_cos_sin, rotate
-from .topk import TopKRows, attend_middle, attend_middle_blocks, middle_values, row_rule, summarize_blocks
+from .topk import (MAX_SCORE_ELEMENTS, TopKRows, attend_middle, attend_middle_blocks, middle_count, middle_values,
+                   row_rule, summarize_blocks)
 
 # Keys per work item of the C++ kernel when few queries must share the cores (decode: one
 # long window split across cores); with many queries (prefill) each tile takes whole windows.
@@ -69,6 +70,32 @@ class _UnrotationTables:
 
 
 _UNROTATION = _UnrotationTables()
+
+
+class _BlockRotationTables:
+    """The C++ middle ops' angle tables per (frequencies, block size): cos/sin of j0 f at
+    block starts [blocks, R/2] and of b f per slot [R/2, B] (float32, angles in float64),
+    shared by every top-k layer and step; grown geometrically."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self.tables: dict[tuple[bytes, int], tuple[torch.Tensor, ...]] = {}
+
+    def get(self, n_blocks: int, block_size: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = (inv_freq.detach().cpu().numpy().tobytes(), block_size)
+        table = self.tables.get(key)
+        if table is None or table[0].shape[0] < n_blocks:
+            cap = max(n_blocks, 2 * table[0].shape[0]) if table is not None else max(n_blocks, 64)
+            if table is None and len(self.tables) >= self.keep:
+                self.tables.pop(next(iter(self.tables)))
+            blk_cos, blk_sin = absolute_cos_sin(torch.arange(cap) * block_size, inv_freq)
+            off_cos, off_sin = absolute_cos_sin(torch.arange(block_size), inv_freq)
+            table = self.tables[key] = (blk_cos.contiguous(), blk_sin.contiguous(), off_cos.t().contiguous(),
+                                        off_sin.t().contiguous())
+        return table[0][:n_blocks], table[1][:n_blocks], table[2], table[3]
+
+
+_BLOCK_ROTATION = _BlockRotationTables()
 
 
 def _middle_keys(views, row, hi: int, pattern: LambdaPattern, style: RopeStyle, inv_freq: torch.Tensor):
@@ -204,10 +231,43 @@ def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, 
     return True
 
 
+def _kernel_middle(q: torch.Tensor, kv_cache, row, pos, first_pos: int, top_k: TopKRows, pattern: LambdaPattern,
+                   style: RopeStyle, inv_freq, scale: float, block_summary):
+    """The middle partial of rows q [T, Hq, D] (raw frame at the scoring distance) through the
+    C++ ops, as `attend_middle` / `attend_middle_blocks` compute it; (output, lse) as
+    [Hkv, G*T, D], [Hkv, G*T]. None when the ops are unavailable."""
+    op = middle_blocks_op() if top_k.blocks else middle_topk_op()
+    if op is None:
+        return None
+    tq, hq, dh = q.shape
+    hkv, bs = kv_cache.shape[1], kv_cache.shape[2]
+    if top_k.blocks:  # per row its last middle position, -1 where the row does not use top-k
+        per_row = torch.where(pos >= first_pos, pos - pattern.n_local, torch.full_like(pos, -1))
+        keys_max = max(0, int(per_row.max()) + 1 - pattern.n_global)
+    else:  # per row its middle key count, 0 where the row does not use top-k
+        per_row = middle_count(pos, pattern)
+        per_row = torch.where((pos >= first_pos) & (per_row >= top_k.k), per_row, torch.zeros_like(per_row))
+        keys_max = int(per_row.max())
+    tables = _BLOCK_ROTATION.get((pattern.n_global + max(keys_max, 1) - 1) // bs + 1, bs, inv_freq)
+    block_row = row.long().contiguous()
+    if top_k.blocks:
+        out, lse = op(q.contiguous(), kv_cache, block_row, per_row, pattern.n_global, block_summary, *tables, top_k.k,
+                      scale, style.rotary_dim, style.neox)
+    else:
+        out, lse = torch.empty(tq, hq, dh), torch.empty(tq, hq)
+        step = max(1, MAX_SCORE_ELEMENTS // max(1, hq * keys_max))  # bounds the op's logit buffer
+        for a in range(0, tq, step):
+            out[a:a + step], lse[a:a + step] = op(q[a:a + step].contiguous(), kv_cache, block_row,
+                                                  per_row[a:a + step], pattern.n_global, *tables, top_k.k, scale,
+                                                  style.rotary_dim, style.neox)
+    return (to_head_rows(out, hkv).reshape(hkv, -1, dh),
+            lse.view(tq, hkv, hq // hkv).permute(1, 2, 0).reshape(hkv, -1))
+
+
 def _merge_middle(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale, out, lse, top_k: TopKRows,
-                  seq: int, block_summary) -> None:
+                  seq: int, block_summary, use_extension: bool = True) -> None:
     """Top-k rows of one sequence whose Λ result (out [T, Hq, D], lse [T, Hq]) is computed:
-    their middle partial softmax merged in."""
+    their middle partial softmax merged in (the C++ ops when available, else torch)."""
     skip = max(0, top_k.first_pos[seq] - first_pos)  # rows before the rule's first position stay Λ
     query, out, lse, first_pos = query[skip:], out[skip:], lse[skip:], first_pos + skip
     tq, hq, dh = query.shape
@@ -215,17 +275,22 @@ def _merge_middle(query, kv_cache, row, first_pos, pattern, style, inv_freq, sca
     group = hq // hkv
     views = absolute_views(kv_cache)
     pos = torch.arange(first_pos, first_pos + tq)
-    counts, use = row_rule(pos, top_k.first_pos[seq], top_k.k, pattern, group)
     c, s = absolute_cos_sin(top_k.distance - pos, inv_freq)
     q = rotate(query.to(torch.float32), c[:, None], s[:, None], style)  # R(distance) q_raw
-    q_mid = to_head_rows(q, hkv).reshape(hkv, group * tq, dh)
-    if top_k.blocks:
-        fetch = _absolute_fetch(views, row, top_k.block_size, style, inv_freq)
-        part = attend_middle_blocks(q_mid, block_summary, row, fetch, (pos - pattern.n_local).repeat(group), use,
-                                    top_k.k, scale, top_k.block_size, pattern.n_global)
-    else:
-        k_mid, values = _middle_keys(views, row, first_pos + tq - pattern.n_local, pattern, style, inv_freq)
-        part = attend_middle(q_mid, k_mid, values, counts, use, top_k.k, scale)
+    part = None
+    if use_extension:
+        part = _kernel_middle(q, kv_cache, row, pos, top_k.first_pos[seq], top_k, pattern, style, inv_freq, scale,
+                              block_summary)
+    if part is None:
+        counts, use = row_rule(pos, top_k.first_pos[seq], top_k.k, pattern, group)
+        q_mid = to_head_rows(q, hkv).reshape(hkv, group * tq, dh)
+        if top_k.blocks:
+            fetch = _absolute_fetch(views, row, top_k.block_size, style, inv_freq)
+            part = attend_middle_blocks(q_mid, block_summary, row, fetch, (pos - pattern.n_local).repeat(group), use,
+                                        top_k.k, scale, top_k.block_size, pattern.n_global)
+        else:
+            k_mid, values = _middle_keys(views, row, first_pos + tq - pattern.n_local, pattern, style, inv_freq)
+            part = attend_middle(q_mid, k_mid, values, counts, use, top_k.k, scale)
     res = to_head_rows(out.to(torch.float32), hkv).reshape(hkv, group * tq, dh)
     res_lse = lse.view(tq, hkv, group).permute(1, 2, 0).reshape(hkv, group * tq)
     merged, _ = merge_partials(res, res_lse, *part)
@@ -274,7 +339,7 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
                         out[a:b], query_tile, None if lse is None else lse[a:b])
         if i in with_top_k:
             _merge_middle(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq,
-                          scale, out[a:b], lse[a:b], top_k, i, block_summary)
+                          scale, out[a:b], lse[a:b], top_k, i, block_summary, use_extension)
     return out
 
 

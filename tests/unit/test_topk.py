@@ -110,12 +110,14 @@ def test_raw_torch_top_k_matches_dense(index, k, distance, neox, rows, seed):
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("use_extension", [True, False], ids=["cpp", "torch"])
 @pytest.mark.parametrize("rows", ["all", "last", "mid"])
 @pytest.mark.parametrize("neox", [True, False])
 @pytest.mark.parametrize("index,k,distance", TOP_K_CASES, ids=[str(c[0]) for c in TOP_K_CASES])
-def test_absolute_top_k_matches_dense(index, k, distance, neox, rows, seed):
-    """Keys at absolute positions: middle keys rotated back, rows with top-k on the torch
-    code, the others on the C++ kernel, in one call."""
+def test_absolute_top_k_matches_dense(index, k, distance, neox, rows, use_extension, seed):
+    """Keys at absolute positions (the CPU fast path), rows with and without top-k in one
+    call: on the C++ kernels (Λ, then the middle scored in the cache's own layout) and on the
+    torch code (middle keys rotated back)."""
     case = _case(index)
     seq_lens, q_lens, pattern, _, tile = case
     raw, table, qsl, query, kw = case_inputs(case, neox)
@@ -124,7 +126,7 @@ def test_absolute_top_k_matches_dense(index, k, distance, neox, rows, seed):
     want = lambda_paged_attention_naive(query, raw, table, qsl, seq_lens, top_k=(k, distance, rule.first_pos), **kw)
     cache = to_absolute_layout(raw, table, seq_lens, inv, style)
     got = lambda_attention_absolute(absolute_queries(query, qsl, seq_lens, inv, style), cache, table, qsl, seq_lens,
-                                    query_tile=tile, top_k=rule, **kw)
+                                    query_tile=tile, top_k=rule, use_extension=use_extension, **kw)
     assert torch.isfinite(got).all()
     assert rel_err(got, want) < 1e-5
 
@@ -221,10 +223,11 @@ def every_full_block(table, seq_lens, bs):
     return filled_blocks(table, [0, *itertools.accumulate(seq_lens)], seq_lens, bs)
 
 
-@pytest.mark.parametrize("layout", ["raw", "absolute"])
+@pytest.mark.parametrize("layout", ["raw", "absolute_cpp", "absolute_torch"])
 @pytest.mark.parametrize("neox", [True, False])
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=[str(i) for i in range(len(BLOCK_CASES))])
 def test_block_mode_matches_dense(case, neox, layout, seed):
+    """Raw keys (torch), and keys at absolute positions on the C++ ops or the torch code."""
     from lminf_kernels import absolute_cpu, raw_torch
 
     seq_lens, q_lens, pattern, bs, tile, kb, distance = case
@@ -243,7 +246,8 @@ def test_block_mode_matches_dense(case, neox, layout, seed):
         abs_cache = to_absolute_layout(cache, table, seq_lens, inv, style)
         absolute_cpu.update_block_summaries(abs_cache, summary, filled, style, inv)
         got = lambda_attention_absolute(absolute_queries(query, qsl, seq_lens, inv, style), abs_cache, table, qsl,
-                                        seq_lens, query_tile=tile, top_k=rule, block_summary=summary, **kw)
+                                        seq_lens, query_tile=tile, top_k=rule, block_summary=summary,
+                                        use_extension=layout == "absolute_cpp", **kw)
     assert torch.isfinite(got).all()
     assert rel_err(got, want) < 1e-5
 

@@ -29,6 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from lminf_kernels.absolute_cpp import lambda_op
 from lminf_kernels.absolute_cpu import (QueryPlan, Rerotation, lambda_attention_absolute, rerotate_blocks,
                                         update_block_summaries)
 from lminf_kernels.pattern import LambdaPattern
@@ -259,6 +260,8 @@ class AbsoluteImpl(CPUAttentionBackendImpl):
         self.pattern, self.style, self.inv_freq, self.clex = pattern, style, inv_freq, clex
         self.top_k = top_k  # TopKConfig when this layer attends the top-k middle keys
         self.summaries = BlockSummaries()  # block mode
+        # build/load the C++ kernels now, at start-up: not inside the first request that needs them
+        lambda_op()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: AbsoluteMetadata | None, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:

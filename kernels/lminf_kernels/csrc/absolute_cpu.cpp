@@ -567,6 +567,262 @@ void rerotate_keys(const at::Tensor& kv_cache, const at::Tensor& blocks, const a
 #undef LMINF_CALL
 }
 
+// Top-k middle attention. Rows hold queries in the raw frame at the scoring distance
+// (R(distance) q_raw); keys are cached rotated at their absolute position j, so a middle
+// logit is <R(j) q, k_abs_j>. R(j) = R(b) R(j0) with j0 a block's first position and b the
+// slot: callers pass cos/sin of j0 f per logical block ([blocks, R/2]) and of b f per slot
+// ([R/2, B]), so no per-key angle table is read.
+struct MiddleRotation {
+  const float *blk_cos, *blk_sin, *off_cos, *off_sin;
+  int64_t half, rotary_dim, D, B;
+  bool neox;
+  int64_t ch1(int64_t i) const { return neox ? i : 2 * i; }
+  int64_t ch2(int64_t i) const { return neox ? i + half : 2 * i + 1; }
+  // u = R(j0) q for logical block blk (channels past rotary_dim copied)
+  void to_block(const float* q, int64_t blk, float* u) const {
+    const float *c = blk_cos + blk * half, *s = blk_sin + blk * half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = q[ch1(i)], x2 = q[ch2(i)];
+      u[ch1(i)] = x1 * c[i] - x2 * s[i];
+      u[ch2(i)] = x2 * c[i] + x1 * s[i];
+    }
+    for (int64_t c2 = rotary_dim; c2 < D; ++c2) u[c2] = q[c2];
+  }
+  // acc[b] = scale * <R(b) u, k_b> for slots [s0, s1) of one block's keys ([D][B])
+  template <typename K>
+  void logits(const float* u, const K* keys, int64_t s0, int64_t s1, float scale, float* acc) const {
+    std::fill(acc + s0, acc + s1, 0.0f);
+    for (int64_t i = 0; i < half; ++i) {  // cos(bf)(u1 k1 + u2 k2) + sin(bf)(u1 k2 - u2 k1)
+      const float a1 = u[ch1(i)], a2 = u[ch2(i)];
+      const K *k1 = keys + ch1(i) * B, *k2 = keys + ch2(i) * B;
+      const float *co = off_cos + i * B, *si = off_sin + i * B;
+      for (int64_t b = s0; b < s1; ++b) {
+        const float x = to_f(k1[b]), y = to_f(k2[b]);
+        acc[b] += co[b] * (a1 * x + a2 * y) + si[b] * (a1 * y - a2 * x);
+      }
+    }
+    for (int64_t c = rotary_dim; c < D; ++c) {
+      const float a = u[c];
+      const K* kc = keys + c * B;
+      for (int64_t b = s0; b < s1; ++b) acc[b] += a * to_f(kc[b]);
+    }
+    for (int64_t b = s0; b < s1; ++b) acc[b] *= scale;
+  }
+};
+
+// Softmax partial of n logits l[i] at positions pos[i] over their values: out (+=, starts
+// at 0) and the log-sum-exp.
+template <typename T>
+inline float softmax_values(const float* l, const int64_t* pos, int64_t n, const T* cache, const int64_t* ids,
+                            int64_t Hkv, int64_t h, int64_t D, int64_t B, float* out) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, l[i]);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float p = std::exp(l[i] - mx);
+    sum += p;
+    const T* v = cache + (ids[pos[i] / B] * Hkv + h) * 2 * D * B + D * B + (pos[i] % B) * D;  // [B][D]
+    for (int64_t c = 0; c < D; ++c) out[c] += p * to_f(v[c]);
+  }
+  for (int64_t c = 0; c < D; ++c) out[c] /= sum;
+  return mx + std::log(sum);
+}
+
+// Exact mode for the query rows of one sequence: per (row, query head) the k largest
+// logits of the middle [n_global, n_global + count); a row with count < k gets out = 0 and
+// lse = -inf. Keys are read once per (block, kv head) for every row and query head.
+template <typename T>
+void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_row,
+                      const at::Tensor& counts, int64_t n_global, const MiddleRotation& rot, int64_t k, float scale,
+                      at::Tensor& out, at::Tensor& lse) {
+  const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = kv_cache.size(1), B = kv_cache.size(2), G = Hq / Hkv;
+  const int64_t* cnt = counts.data_ptr<int64_t>();
+  int64_t n_max = 0;
+  for (int64_t r = 0; r < R; ++r)
+    if (cnt[r] >= k) n_max = std::max(n_max, cnt[r]);
+  if (n_max == 0) return;
+  const T* cache = kv_cache.data_ptr<T>();
+  const int64_t* ids = block_row.data_ptr<int64_t>();
+  const float* qp = q.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  const int64_t first_blk = n_global / B, nblk = (n_global + n_max - 1) / B - first_blk + 1;
+  std::vector<float> logits(static_cast<size_t>(R * Hq * n_max));
+  // 1. logits, work split over (kv head, middle block)
+  at::parallel_for(0, Hkv * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kf(D * B), u(D), acc(B);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t h = w / nblk, blk = first_blk + w % nblk, j0 = blk * B;
+      const int64_t s0 = std::max<int64_t>(n_global - j0, 0);
+      const T* keys = cache + (ids[blk] * Hkv + h) * 2 * D * B;
+      for (int64_t e = 0; e < D * B; ++e) kf[e] = to_f(keys[e]);
+      for (int64_t r = 0; r < R; ++r) {
+        if (cnt[r] < k) continue;
+        const int64_t s1 = std::min<int64_t>(n_global + cnt[r] - j0, B);
+        if (s1 <= s0) continue;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t head = h * G + g;
+          rot.to_block(qp + (r * Hq + head) * D, blk, u.data());
+          rot.logits(u.data(), kf.data(), s0, s1, scale, acc.data());
+          std::copy(acc.begin() + s0, acc.begin() + s1, logits.begin() + (r * Hq + head) * n_max + (j0 - n_global) + s0);
+        }
+      }
+    }
+  });
+  // 2. per (row, query head): the k best, their softmax partial over the values
+  at::parallel_for(0, R * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> idx;
+    std::vector<float> top(k);
+    std::vector<int64_t> pos(k);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t r = w / Hq, n = cnt[r];
+      if (n < k) continue;
+      const float* l = logits.data() + w * n_max;
+      idx.resize(n);
+      for (int64_t i = 0; i < n; ++i) idx[i] = static_cast<int32_t>(i);
+      std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(),
+                       [l](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+      for (int64_t i = 0; i < k; ++i) top[i] = l[idx[i]], pos[i] = n_global + idx[i];
+      lse_p[w] = softmax_values(top.data(), pos.data(), k, cache, ids, Hkv, (w % Hq) / G, D, B, out_p + w * D);
+    }
+  });
+}
+
+// Block mode for the query rows of one sequence: per (row, query head) each middle block's
+// bound sum_c max(q_c hi_c, q_c lo_c) from its summary ([N, Hkv, 2, D]: min, max of the raw
+// keys), the k best blocks (ties: the earlier block), their middle tokens
+// (n_global <= j <= last_mid) at the scoring distance. A row whose middle touches fewer than
+// k blocks (or last_mid < n_global) gets out = 0 and lse = -inf.
+template <typename T>
+void middle_blocks_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_row,
+                        const at::Tensor& last_mid, int64_t n_global, const at::Tensor& summary,
+                        const MiddleRotation& rot, int64_t k, float scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = kv_cache.size(1), B = kv_cache.size(2), G = Hq / Hkv;
+  const T* cache = kv_cache.data_ptr<T>();
+  const int64_t* ids = block_row.data_ptr<int64_t>();
+  const int64_t* last = last_mid.data_ptr<int64_t>();
+  const float* qp = q.data_ptr<float>();
+  const float* sum_p = summary.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  const int64_t first_blk = n_global / B;
+  at::parallel_for(0, R * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bound, u(D), l(k * B);
+    std::vector<int32_t> idx;
+    std::vector<int64_t> pos(k * B);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t r = w / Hq, h = (w % Hq) / G;
+      const int64_t nb = last[r] >= n_global ? last[r] / B - first_blk + 1 : 0;
+      if (nb < k) continue;
+      const float* qv = qp + w * D;
+      bound.resize(nb);
+      idx.resize(nb);
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* lo_hi = sum_p + (ids[first_blk + b] * Hkv + h) * 2 * D;
+        float acc = 0.0f;
+        for (int64_t c = 0; c < D; ++c) acc += std::max(qv[c] * lo_hi[c], qv[c] * lo_hi[D + c]);
+        bound[b] = acc;
+        idx[b] = static_cast<int32_t>(b);
+      }
+      const float* bd = bound.data();
+      std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(),
+                       [bd](int32_t a, int32_t b) { return bd[a] > bd[b] || (bd[a] == bd[b] && a < b); });
+      int64_t n = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t blk = first_blk + idx[i], j0 = blk * B;
+        const int64_t s0 = std::max<int64_t>(n_global - j0, 0), s1 = std::min<int64_t>(last[r] + 1 - j0, B);
+        rot.to_block(qv, blk, u.data());
+        rot.logits(u.data(), cache + (ids[blk] * Hkv + h) * 2 * D * B, s0, s1, scale, l.data() + n - s0);
+        for (int64_t b = s0; b < s1; ++b) pos[n + b - s0] = j0 + b;
+        n += s1 - s0;
+      }
+      lse_p[w] = softmax_values(l.data(), pos.data(), n, cache, ids, Hkv, h, D, B, out_p + w * D);
+    }
+  });
+}
+
+// Checks shared by the two middle ops; returns the rotation tables' view.
+MiddleRotation check_middle(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_row,
+                            const at::Tensor& rows_arg, int64_t n_blocks_needed, const at::Tensor& blk_cos,
+                            const at::Tensor& blk_sin, const at::Tensor& off_cos, const at::Tensor& off_sin, int64_t k,
+                            int64_t n_global, int64_t rotary_dim, bool neox) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "q must be a contiguous float32 [R, Hq, D] tensor");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.size(3) == 2 * q.size(2),
+              "kv_cache must be contiguous [N, Hkv, B, 2D] with D the head size of q");
+  TORCH_CHECK(q.size(1) % kv_cache.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= q.size(2), "rotary_dim must be even, <= head size");
+  TORCH_CHECK(k >= 1 && n_global >= 0, "k must be >= 1 and n_global >= 0");
+  TORCH_CHECK(block_row.dim() == 1 && block_row.scalar_type() == at::kLong && block_row.is_contiguous(),
+              "block_row must be contiguous int64 [blocks]");
+  TORCH_CHECK(rows_arg.dim() == 1 && rows_arg.scalar_type() == at::kLong && rows_arg.is_contiguous() &&
+                  rows_arg.size(0) == q.size(0), "counts / last_mid must be contiguous int64 [R]");
+  const int64_t half = rotary_dim / 2, B = kv_cache.size(2);
+  TORCH_CHECK(block_row.size(0) >= n_blocks_needed, "block_row must cover the middle of every row");
+  for (const at::Tensor* t : {&blk_cos, &blk_sin})
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->size(0) >= n_blocks_needed && t->size(1) == half,
+                "blk_cos/blk_sin must be contiguous float32 [>= blocks, rotary_dim / 2]");
+  for (const at::Tensor* t : {&off_cos, &off_sin})
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == half &&
+                    t->size(1) == B, "off_cos/off_sin must be contiguous float32 [rotary_dim / 2, block size]");
+  if (n_blocks_needed > 0) {
+    const at::Tensor used = block_row.slice(0, 0, n_blocks_needed);
+    TORCH_CHECK(used.min().item<int64_t>() >= 0 && used.max().item<int64_t>() < kv_cache.size(0),
+                "block ids must lie in the cache");
+  }
+  return MiddleRotation{blk_cos.data_ptr<float>(), blk_sin.data_ptr<float>(), off_cos.data_ptr<float>(),
+                        off_sin.data_ptr<float>(), half, rotary_dim, q.size(2), B, neox};
+}
+
+#define LMINF_DISPATCH_CACHE(CALL)                                                         \
+  switch (kv_cache.scalar_type()) {                                                        \
+    case at::kFloat: { using T = float; CALL; break; }                                     \
+    case at::kBFloat16: { using T = c10::BFloat16; CALL; break; }                          \
+    case at::kHalf: { using T = c10::Half; CALL; break; }                                  \
+    default: TORCH_CHECK(false, "kv_cache dtype must be float32, bfloat16 or float16");   \
+  }
+
+std::tuple<at::Tensor, at::Tensor> middle_topk(const at::Tensor& q, const at::Tensor& kv_cache,
+                                               const at::Tensor& block_row, const at::Tensor& counts, int64_t n_global,
+                                               const at::Tensor& blk_cos, const at::Tensor& blk_sin,
+                                               const at::Tensor& off_cos, const at::Tensor& off_sin, int64_t k,
+                                               double scale, int64_t rotary_dim, bool neox) {
+  int64_t n_max = 0;
+  if (counts.numel() > 0) n_max = counts.max().item<int64_t>();
+  const int64_t B = kv_cache.dim() == 4 ? kv_cache.size(2) : 1;
+  const MiddleRotation rot = check_middle(q, kv_cache, block_row, counts, n_max > 0 ? (n_global + n_max - 1) / B + 1 : 0,
+                                          blk_cos, blk_sin, off_cos, off_sin, k, n_global, rotary_dim, neox);
+  at::Tensor out = at::zeros(q.sizes(), q.options());
+  at::Tensor lse = at::full({q.size(0), q.size(1)}, -std::numeric_limits<float>::infinity(), q.options());
+  LMINF_DISPATCH_CACHE(middle_topk_impl<T>(q, kv_cache, block_row, counts, n_global, rot, k, static_cast<float>(scale), out, lse))
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> middle_blocks(const at::Tensor& q, const at::Tensor& kv_cache,
+                                                 const at::Tensor& block_row, const at::Tensor& last_mid,
+                                                 int64_t n_global, const at::Tensor& summary, const at::Tensor& blk_cos,
+                                                 const at::Tensor& blk_sin, const at::Tensor& off_cos,
+                                                 const at::Tensor& off_sin, int64_t k, double scale,
+                                                 int64_t rotary_dim, bool neox) {
+  int64_t last = -1;
+  if (last_mid.numel() > 0) last = last_mid.max().item<int64_t>();
+  const int64_t B = kv_cache.dim() == 4 ? kv_cache.size(2) : 1;
+  const MiddleRotation rot = check_middle(q, kv_cache, block_row, last_mid, last >= n_global ? last / B + 1 : 0,
+                                          blk_cos, blk_sin, off_cos, off_sin, k, n_global, rotary_dim, neox);
+  TORCH_CHECK(summary.dim() == 4 && summary.scalar_type() == at::kFloat && summary.is_contiguous() &&
+                  summary.size(0) == kv_cache.size(0) && summary.size(1) == kv_cache.size(1) && summary.size(2) == 2 &&
+                  summary.size(3) == q.size(2), "summary must be contiguous float32 [N, Hkv, 2, D]");
+  at::Tensor out = at::zeros(q.sizes(), q.options());
+  at::Tensor lse = at::full({q.size(0), q.size(1)}, -std::numeric_limits<float>::infinity(), q.options());
+  LMINF_DISPATCH_CACHE(middle_blocks_impl<T>(q, kv_cache, block_row, last_mid, n_global, summary, rot, k,
+                                             static_cast<float>(scale), out, lse))
+  return {out, lse};
+}
+#undef LMINF_DISPATCH_CACHE
+
 }  // namespace
 
 TORCH_LIBRARY(lminf_cpu, m) {
@@ -575,9 +831,17 @@ TORCH_LIBRARY(lminf_cpu, m) {
         "int chunk_tokens, int query_tile) -> (Tensor, Tensor)");
   m.def("rerotate_keys(Tensor(a!) kv_cache, Tensor blocks, Tensor cos, Tensor sin, int lo, int hi, int rotary_dim, "
         "bool neox) -> ()");
+  m.def("middle_topk(Tensor q, Tensor kv_cache, Tensor block_row, Tensor counts, int n_global, Tensor blk_cos, "
+        "Tensor blk_sin, Tensor off_cos, Tensor off_sin, int k, float scale, int rotary_dim, bool neox) "
+        "-> (Tensor, Tensor)");
+  m.def("middle_blocks(Tensor q, Tensor kv_cache, Tensor block_row, Tensor last_mid, int n_global, Tensor summary, "
+        "Tensor blk_cos, Tensor blk_sin, Tensor off_cos, Tensor off_sin, int k, float scale, int rotary_dim, "
+        "bool neox) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lminf_cpu, CPU, m) {
   m.impl("lambda_rows", &lambda_rows);
   m.impl("rerotate_keys", &rerotate_keys);
+  m.impl("middle_topk", &middle_topk);
+  m.impl("middle_blocks", &middle_blocks);
 }
