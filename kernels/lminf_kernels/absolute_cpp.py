@@ -52,10 +52,10 @@ def rerotate_op():
 
 
 def middle_topk_op():
-    """torch.ops.lminf_cpu.middle_topk, or None (disabled or failed to build)."""
-    return torch.ops.lminf_cpu.middle_topk if _library_loaded() else None
+    """torch.ops.lminf_cpu.middle_topk_merge, or None (disabled or failed to build)."""
+    return torch.ops.lminf_cpu.middle_topk_merge if _library_loaded() else None
 
 
 def middle_blocks_op():
-    """torch.ops.lminf_cpu.middle_blocks, or None (disabled or failed to build)."""
-    return torch.ops.lminf_cpu.middle_blocks if _library_loaded() else None
+    """torch.ops.lminf_cpu.middle_blocks_merge, or None (disabled or failed to build)."""
+    return torch.ops.lminf_cpu.middle_blocks_merge if _library_loaded() else None

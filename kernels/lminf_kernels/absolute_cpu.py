@@ -231,37 +231,36 @@ def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, 
     return True
 
 
-def _kernel_middle(q: torch.Tensor, kv_cache, row, pos, first_pos: int, top_k: TopKRows, pattern: LambdaPattern,
-                   style: RopeStyle, inv_freq, scale: float, block_summary):
-    """The middle partial of rows q [T, Hq, D] (raw frame at the scoring distance) through the
-    C++ ops, as `attend_middle` / `attend_middle_blocks` compute it; (output, lse) as
-    [Hkv, G*T, D], [Hkv, G*T]. None when the ops are unavailable."""
+def _kernel_merge(query, kv_cache, row, first_pos: int, top_k: TopKRows, seq: int, pattern: LambdaPattern,
+                  style: RopeStyle, inv_freq, scale: float, out, lse, block_summary) -> bool:
+    """The middle partial of one sequence's rows (queries at absolute positions from
+    first_pos) merged into their Λ result (out, lse) in place by the C++ ops, as the torch
+    code below computes it. False (nothing written) when the ops are unavailable."""
     op = middle_blocks_op() if top_k.blocks else middle_topk_op()
-    if op is None:
-        return None
-    tq, hq, dh = q.shape
-    hkv, bs = kv_cache.shape[1], kv_cache.shape[2]
+    if op is None or not (out.is_contiguous() and lse.is_contiguous()):
+        return False
+    tq, hq = query.shape[:2]
+    bs = kv_cache.shape[2]
+    pos = torch.arange(first_pos, first_pos + tq)
     if top_k.blocks:  # per row its last middle position, -1 where the row does not use top-k
-        per_row = torch.where(pos >= first_pos, pos - pattern.n_local, torch.full_like(pos, -1))
+        per_row = torch.where(pos >= top_k.first_pos[seq], pos - pattern.n_local, torch.full_like(pos, -1))
         keys_max = max(0, int(per_row.max()) + 1 - pattern.n_global)
     else:  # per row its middle key count, 0 where the row does not use top-k
         per_row = middle_count(pos, pattern)
-        per_row = torch.where((pos >= first_pos) & (per_row >= top_k.k), per_row, torch.zeros_like(per_row))
+        per_row = torch.where((pos >= top_k.first_pos[seq]) & (per_row >= top_k.k), per_row, torch.zeros_like(per_row))
         keys_max = int(per_row.max())
     tables = _BLOCK_ROTATION.get((pattern.n_global + max(keys_max, 1) - 1) // bs + 1, bs, inv_freq)
-    block_row = row.long().contiguous()
+    block_row, freq = row.long().contiguous(), inv_freq.contiguous()
+    rest = (style.rotary_dim, style.neox, freq, top_k.distance)
     if top_k.blocks:
-        out, lse = op(q.contiguous(), kv_cache, block_row, per_row, pattern.n_global, block_summary, *tables, top_k.k,
-                      scale, style.rotary_dim, style.neox)
-    else:
-        out, lse = torch.empty(tq, hq, dh), torch.empty(tq, hq)
-        step = max(1, MAX_SCORE_ELEMENTS // max(1, hq * keys_max))  # bounds the op's logit buffer
-        for a in range(0, tq, step):
-            out[a:a + step], lse[a:a + step] = op(q[a:a + step].contiguous(), kv_cache, block_row,
-                                                  per_row[a:a + step], pattern.n_global, *tables, top_k.k, scale,
-                                                  style.rotary_dim, style.neox)
-    return (to_head_rows(out, hkv).reshape(hkv, -1, dh),
-            lse.view(tq, hkv, hq // hkv).permute(1, 2, 0).reshape(hkv, -1))
+        op(query, kv_cache, block_row, per_row, pattern.n_global, block_summary, *tables, top_k.k, scale, *rest,
+           first_pos, out, lse)
+        return True
+    step = max(1, MAX_SCORE_ELEMENTS // max(1, hq * keys_max))  # bounds the op's logit buffer
+    for a in range(0, tq, step):
+        op(query[a:a + step], kv_cache, block_row, per_row[a:a + step], pattern.n_global, *tables, top_k.k, scale,
+           *rest, first_pos + a, out[a:a + step], lse[a:a + step])
+    return True
 
 
 def _merge_middle(query, kv_cache, row, first_pos, pattern, style, inv_freq, scale, out, lse, top_k: TopKRows,
@@ -270,6 +269,9 @@ def _merge_middle(query, kv_cache, row, first_pos, pattern, style, inv_freq, sca
     their middle partial softmax merged in (the C++ ops when available, else torch)."""
     skip = max(0, top_k.first_pos[seq] - first_pos)  # rows before the rule's first position stay Λ
     query, out, lse, first_pos = query[skip:], out[skip:], lse[skip:], first_pos + skip
+    if use_extension and _kernel_merge(query, kv_cache, row, first_pos, top_k, seq, pattern, style, inv_freq, scale,
+                                       out, lse, block_summary):
+        return
     tq, hq, dh = query.shape
     hkv = kv_cache.shape[1]
     group = hq // hkv
@@ -277,20 +279,15 @@ def _merge_middle(query, kv_cache, row, first_pos, pattern, style, inv_freq, sca
     pos = torch.arange(first_pos, first_pos + tq)
     c, s = absolute_cos_sin(top_k.distance - pos, inv_freq)
     q = rotate(query.to(torch.float32), c[:, None], s[:, None], style)  # R(distance) q_raw
-    part = None
-    if use_extension:
-        part = _kernel_middle(q, kv_cache, row, pos, top_k.first_pos[seq], top_k, pattern, style, inv_freq, scale,
-                              block_summary)
-    if part is None:
-        counts, use = row_rule(pos, top_k.first_pos[seq], top_k.k, pattern, group)
-        q_mid = to_head_rows(q, hkv).reshape(hkv, group * tq, dh)
-        if top_k.blocks:
-            fetch = _absolute_fetch(views, row, top_k.block_size, style, inv_freq)
-            part = attend_middle_blocks(q_mid, block_summary, row, fetch, (pos - pattern.n_local).repeat(group), use,
-                                        top_k.k, scale, top_k.block_size, pattern.n_global)
-        else:
-            k_mid, values = _middle_keys(views, row, first_pos + tq - pattern.n_local, pattern, style, inv_freq)
-            part = attend_middle(q_mid, k_mid, values, counts, use, top_k.k, scale)
+    counts, use = row_rule(pos, top_k.first_pos[seq], top_k.k, pattern, group)
+    q_mid = to_head_rows(q, hkv).reshape(hkv, group * tq, dh)
+    if top_k.blocks:
+        fetch = _absolute_fetch(views, row, top_k.block_size, style, inv_freq)
+        part = attend_middle_blocks(q_mid, block_summary, row, fetch, (pos - pattern.n_local).repeat(group), use,
+                                    top_k.k, scale, top_k.block_size, pattern.n_global)
+    else:
+        k_mid, values = _middle_keys(views, row, first_pos + tq - pattern.n_local, pattern, style, inv_freq)
+        part = attend_middle(q_mid, k_mid, values, counts, use, top_k.k, scale)
     res = to_head_rows(out.to(torch.float32), hkv).reshape(hkv, group * tq, dh)
     res_lse = lse.view(tq, hkv, group).permute(1, 2, 0).reshape(hkv, group * tq)
     merged, _ = merge_partials(res, res_lse, *part)

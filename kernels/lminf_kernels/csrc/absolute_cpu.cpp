@@ -743,6 +743,66 @@ void middle_blocks_impl(const at::Tensor& q, const at::Tensor& kv_cache, const a
   });
 }
 
+// The middle partial (mid, mid_lse: float32 [R, Hq, D], [R, Hq]) merged in place into the
+// rows' Λ result (res, res_lse): one softmax over both key sets; rows whose middle lse is -inf
+// keep res as it is.
+template <typename O>
+void merge_into_impl(const at::Tensor& res, const at::Tensor& res_lse, const at::Tensor& mid,
+                     const at::Tensor& mid_lse) {
+  const int64_t rows = res_lse.numel(), D = res.size(2);
+  O* o = res.data_ptr<O>();
+  const float *l1 = res_lse.data_ptr<float>(), *m = mid.data_ptr<float>(), *l2 = mid_lse.data_ptr<float>();
+  for (int64_t w = 0; w < rows; ++w) {
+    if (!(l2[w] > -std::numeric_limits<float>::infinity())) continue;
+    const float top = std::max(l1[w], l2[w]);
+    const float w1 = std::exp(l1[w] - top), w2 = std::exp(l2[w] - top), total = w1 + w2;
+    for (int64_t c = 0; c < D; ++c)
+      o[w * D + c] = static_cast<O>((to_f(o[w * D + c]) * w1 + m[w * D + c] * w2) / total);
+  }
+}
+
+void merge_into(const at::Tensor& res, const at::Tensor& res_lse, const at::Tensor& mid, const at::Tensor& mid_lse) {
+  TORCH_CHECK(res.dim() == 3 && res.is_contiguous() && res.sizes() == mid.sizes(), "res must be contiguous like mid");
+  TORCH_CHECK(res_lse.scalar_type() == at::kFloat && res_lse.is_contiguous() && res_lse.sizes() == mid_lse.sizes(),
+              "res_lse must be contiguous float32 [R, Hq]");
+  switch (res.scalar_type()) {
+    case at::kFloat: merge_into_impl<float>(res, res_lse, mid, mid_lse); break;
+    case at::kBFloat16: merge_into_impl<c10::BFloat16>(res, res_lse, mid, mid_lse); break;
+    case at::kHalf: merge_into_impl<c10::Half>(res, res_lse, mid, mid_lse); break;
+    default: TORCH_CHECK(false, "res dtype must be float32, bfloat16 or float16");
+  }
+}
+
+// Queries at absolute positions first_pos + r -> the raw frame at the scoring distance:
+// R(distance - p) q_abs, angles in double (as absolute_cos_sin), float32 out.
+at::Tensor to_scoring_frame(const at::Tensor& q_abs, const at::Tensor& inv_freq, int64_t distance, int64_t first_pos,
+                            int64_t rotary_dim, bool neox) {
+  TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() &&
+                  inv_freq.size(0) == rotary_dim / 2, "inv_freq must be contiguous float32 [rotary_dim / 2]");
+  at::Tensor q = q_abs.to(at::kFloat).contiguous().clone();
+  const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2), half = rotary_dim / 2;
+  const float* f = inv_freq.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  std::vector<float> c(half), s(half);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double ang = static_cast<double>(distance - first_pos - r) * static_cast<double>(f[i]);
+      c[i] = static_cast<float>(std::cos(ang));
+      s[i] = static_cast<float>(std::sin(ang));
+    }
+    for (int64_t h = 0; h < Hq; ++h) {
+      float* x = qp + (r * Hq + h) * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+        const float x1 = x[a], x2 = x[b];
+        x[a] = x1 * c[i] - x2 * s[i];
+        x[b] = x2 * c[i] + x1 * s[i];
+      }
+    }
+  }
+  return q;
+}
+
 // Checks shared by the two middle ops; returns the rotation tables' view.
 MiddleRotation check_middle(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_row,
                             const at::Tensor& rows_arg, int64_t n_blocks_needed, const at::Tensor& blk_cos,
@@ -821,6 +881,31 @@ std::tuple<at::Tensor, at::Tensor> middle_blocks(const at::Tensor& q, const at::
                                              static_cast<float>(scale), out, lse))
   return {out, lse};
 }
+
+// The ops as the fast path calls them: queries at absolute positions (rotated here to the
+// scoring frame), the middle partial merged in place into the Λ result (res, res_lse).
+void middle_topk_merge(const at::Tensor& q_abs, const at::Tensor& kv_cache, const at::Tensor& block_row,
+                       const at::Tensor& counts, int64_t n_global, const at::Tensor& blk_cos, const at::Tensor& blk_sin,
+                       const at::Tensor& off_cos, const at::Tensor& off_sin, int64_t k, double scale, int64_t rotary_dim,
+                       bool neox, const at::Tensor& inv_freq, int64_t distance, int64_t first_pos,
+                       const at::Tensor& res, const at::Tensor& res_lse) {
+  const at::Tensor q = to_scoring_frame(q_abs, inv_freq, distance, first_pos, rotary_dim, neox);
+  auto [mid, mid_lse] = middle_topk(q, kv_cache, block_row, counts, n_global, blk_cos, blk_sin, off_cos, off_sin, k,
+                                    scale, rotary_dim, neox);
+  merge_into(res, res_lse, mid, mid_lse);
+}
+
+void middle_blocks_merge(const at::Tensor& q_abs, const at::Tensor& kv_cache, const at::Tensor& block_row,
+                         const at::Tensor& last_mid, int64_t n_global, const at::Tensor& summary,
+                         const at::Tensor& blk_cos, const at::Tensor& blk_sin, const at::Tensor& off_cos,
+                         const at::Tensor& off_sin, int64_t k, double scale, int64_t rotary_dim, bool neox,
+                         const at::Tensor& inv_freq, int64_t distance, int64_t first_pos, const at::Tensor& res,
+                         const at::Tensor& res_lse) {
+  const at::Tensor q = to_scoring_frame(q_abs, inv_freq, distance, first_pos, rotary_dim, neox);
+  auto [mid, mid_lse] = middle_blocks(q, kv_cache, block_row, last_mid, n_global, summary, blk_cos, blk_sin, off_cos,
+                                      off_sin, k, scale, rotary_dim, neox);
+  merge_into(res, res_lse, mid, mid_lse);
+}
 #undef LMINF_DISPATCH_CACHE
 
 }  // namespace
@@ -831,17 +916,17 @@ TORCH_LIBRARY(lminf_cpu, m) {
         "int chunk_tokens, int query_tile) -> (Tensor, Tensor)");
   m.def("rerotate_keys(Tensor(a!) kv_cache, Tensor blocks, Tensor cos, Tensor sin, int lo, int hi, int rotary_dim, "
         "bool neox) -> ()");
-  m.def("middle_topk(Tensor q, Tensor kv_cache, Tensor block_row, Tensor counts, int n_global, Tensor blk_cos, "
-        "Tensor blk_sin, Tensor off_cos, Tensor off_sin, int k, float scale, int rotary_dim, bool neox) "
-        "-> (Tensor, Tensor)");
-  m.def("middle_blocks(Tensor q, Tensor kv_cache, Tensor block_row, Tensor last_mid, int n_global, Tensor summary, "
-        "Tensor blk_cos, Tensor blk_sin, Tensor off_cos, Tensor off_sin, int k, float scale, int rotary_dim, "
-        "bool neox) -> (Tensor, Tensor)");
+  m.def("middle_topk_merge(Tensor q_abs, Tensor kv_cache, Tensor block_row, Tensor counts, int n_global, "
+        "Tensor blk_cos, Tensor blk_sin, Tensor off_cos, Tensor off_sin, int k, float scale, int rotary_dim, bool neox, "
+        "Tensor inv_freq, int distance, int first_pos, Tensor(a!) res, Tensor res_lse) -> ()");
+  m.def("middle_blocks_merge(Tensor q_abs, Tensor kv_cache, Tensor block_row, Tensor last_mid, int n_global, "
+        "Tensor summary, Tensor blk_cos, Tensor blk_sin, Tensor off_cos, Tensor off_sin, int k, float scale, "
+        "int rotary_dim, bool neox, Tensor inv_freq, int distance, int first_pos, Tensor(a!) res, Tensor res_lse) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lminf_cpu, CPU, m) {
   m.impl("lambda_rows", &lambda_rows);
   m.impl("rerotate_keys", &rerotate_keys);
-  m.impl("middle_topk", &middle_topk);
-  m.impl("middle_blocks", &middle_blocks);
+  m.impl("middle_topk_merge", &middle_topk_merge);
+  m.impl("middle_blocks_merge", &middle_blocks_merge);
 }
