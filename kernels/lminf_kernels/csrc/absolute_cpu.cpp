@@ -588,6 +588,24 @@ struct MiddleRotation {
     }
     for (int64_t c2 = rotary_dim; c2 < D; ++c2) u[c2] = q[c2];
   }
+  // kr = R(-b) k_b for slots b < s1 of one block's keys ([D][B] in, [D][B] float out): the
+  // slot part of each key's rotation undone once per (block, kv head), so every row and
+  // query head then scores the block as a plain product <R(j0) q, kr_b>.
+  template <typename K>
+  void unrotate(const K* keys, int64_t s1, float* kr) const {
+    for (int64_t i = 0; i < half; ++i) {
+      const K *k1 = keys + ch1(i) * B, *k2 = keys + ch2(i) * B;
+      const float *co = off_cos + i * B, *si = off_sin + i * B;
+      float *o1 = kr + ch1(i) * B, *o2 = kr + ch2(i) * B;
+      for (int64_t b = 0; b < s1; ++b) {
+        const float x = to_f(k1[b]), y = to_f(k2[b]);
+        o1[b] = x * co[b] + y * si[b];
+        o2[b] = y * co[b] - x * si[b];
+      }
+    }
+    for (int64_t c = rotary_dim; c < D; ++c)
+      for (int64_t b = 0; b < s1; ++b) kr[c * B + b] = to_f(keys[c * B + b]);
+  }
   // acc[b] = scale * <R(b) u, k_b> for slots [s0, s1) of one block's keys ([D][B])
   template <typename K>
   void logits(const float* u, const K* keys, int64_t s0, int64_t s1, float scale, float* acc) const {
@@ -628,9 +646,36 @@ inline float softmax_values(const float* l, const int64_t* pos, int64_t n, const
   return mx + std::log(sum);
 }
 
+// The k largest of l[0, n) (n >= k) into val (descending) and idx; ties go to the earlier
+// index. One pass with a running threshold: a candidate must beat the current k-th value,
+// so after the first few hundred logits almost every 16-lane group is rejected by one compare.
+inline void top_k_of(const float* l, int64_t n, int64_t k, float* val, int64_t* idx) {
+  int64_t m = 0;
+  auto offer = [&](int64_t i) {
+    const float x = l[i];
+    if (m == k) {
+      if (!(x > val[k - 1])) return;
+      --m;
+    }
+    int64_t p = m;
+    for (; p > 0 && val[p - 1] < x; --p) val[p] = val[p - 1], idx[p] = idx[p - 1];
+    val[p] = x, idx[p] = i, ++m;
+  };
+  int64_t i = 0;
+  for (; i < n && m < k; ++i) offer(i);
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    uint32_t hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(l + i), _mm512_set1_ps(val[k - 1]), _CMP_GT_OQ);
+    for (; hit; hit &= hit - 1) offer(i + __builtin_ctz(hit));
+  }
+#endif
+  for (; i < n; ++i) offer(i);
+}
+
 // Exact mode for the query rows of one sequence: per (row, query head) the k largest
 // logits of the middle [n_global, n_global + count); a row with count < k gets out = 0 and
-// lse = -inf. Keys are read once per (block, kv head) for every row and query head.
+// lse = -inf. Keys are read and un-rotated once per (block, kv head) for every row and
+// query head, then scored by the register-tiled product the Λ kernel uses.
 template <typename T>
 void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_row,
                       const at::Tensor& counts, int64_t n_global, const MiddleRotation& rot, int64_t k, float scale,
@@ -651,39 +696,38 @@ void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at:
   std::vector<float> logits(static_cast<size_t>(R * Hq * n_max));
   // 1. logits, work split over (kv head, middle block)
   at::parallel_for(0, Hkv * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kf(D * B), u(D), acc(B);
+    std::vector<float> kr(D * B), u(G * D), acc(G * B);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t h = w / nblk, blk = first_blk + w % nblk, j0 = blk * B;
       const int64_t s0 = std::max<int64_t>(n_global - j0, 0);
-      const T* keys = cache + (ids[blk] * Hkv + h) * 2 * D * B;
-      for (int64_t e = 0; e < D * B; ++e) kf[e] = to_f(keys[e]);
+      int64_t s_hi = 0;  // slots any row reads
+      for (int64_t r = 0; r < R; ++r)
+        if (cnt[r] >= k) s_hi = std::max<int64_t>(s_hi, std::min<int64_t>(n_global + cnt[r] - j0, B));
+      if (s_hi <= s0) continue;
+      rot.unrotate(cache + (ids[blk] * Hkv + h) * 2 * D * B, s_hi, kr.data());
       for (int64_t r = 0; r < R; ++r) {
         if (cnt[r] < k) continue;
         const int64_t s1 = std::min<int64_t>(n_global + cnt[r] - j0, B);
         if (s1 <= s0) continue;
+        for (int64_t g = 0; g < G; ++g) rot.to_block(qp + (r * Hq + h * G + g) * D, blk, u.data() + g * D);
+        block_scores<float>(static_cast<int>(G), static_cast<int>(D), static_cast<int>(B), static_cast<int>(s1),
+                            u.data(), kr.data(), acc.data());
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t head = h * G + g;
-          rot.to_block(qp + (r * Hq + head) * D, blk, u.data());
-          rot.logits(u.data(), kf.data(), s0, s1, scale, acc.data());
-          std::copy(acc.begin() + s0, acc.begin() + s1, logits.begin() + (r * Hq + head) * n_max + (j0 - n_global) + s0);
+          float* dst = logits.data() + (r * Hq + h * G + g) * n_max + (j0 - n_global);
+          for (int64_t b = s0; b < s1; ++b) dst[b] = acc[g * B + b] * scale;
         }
       }
     }
   });
   // 2. per (row, query head): the k best, their softmax partial over the values
   at::parallel_for(0, R * Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> idx;
     std::vector<float> top(k);
     std::vector<int64_t> pos(k);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t r = w / Hq, n = cnt[r];
+      const int64_t n = cnt[w / Hq];
       if (n < k) continue;
-      const float* l = logits.data() + w * n_max;
-      idx.resize(n);
-      for (int64_t i = 0; i < n; ++i) idx[i] = static_cast<int32_t>(i);
-      std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(),
-                       [l](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
-      for (int64_t i = 0; i < k; ++i) top[i] = l[idx[i]], pos[i] = n_global + idx[i];
+      top_k_of(logits.data() + w * n_max, n, k, top.data(), pos.data());
+      for (int64_t i = 0; i < k; ++i) pos[i] += n_global;
       lse_p[w] = softmax_values(top.data(), pos.data(), k, cache, ids, Hkv, (w % Hq) / G, D, B, out_p + w * D);
     }
   });
