@@ -162,6 +162,12 @@ def stock_inv_freq(rotary: torch.nn.Module) -> torch.Tensor:
 # -- attention backend ---------------------------------------------------------------------
 
 
+def cpu_attention_isa(builder) -> str:
+    """Why: the ISA vLLM's CPU builder picked for this cache (dtype, block size, head size,
+    CPU: "amx" for bf16 on AMX machines, else "vec" on x86), before we override it."""
+    return builder.isa
+
+
 def force_cpu_attention_isa(builder, isa: str) -> None:
     """Why: the C++ kernel reads the "vec" cache layout; vLLM's CPU builder would pick
     "amx" for bf16 on AMX machines, and its layers store keys in the builder's choice."""

@@ -384,17 +384,31 @@ class Rerotation:
         return cls(block_row[first:end].long().contiguous(), c, s, inside, lo - start, hi - start)
 
 
-def rerotate_blocks(kv_cache: torch.Tensor, plan: Rerotation, style: RopeStyle, *, use_extension: bool = True) -> None:
+KEY_LAYOUTS = ("vec", "amx")  # vLLM's CPU cache layouts `rerotate_blocks` reads (named by vLLM's ISA)
+
+
+def rerotate_blocks(kv_cache: torch.Tensor, plan: Rerotation, style: RopeStyle, *, use_extension: bool = True,
+                    key_layout: str = "vec") -> None:
     """Apply a `Rerotation` to one layer's cache, in place: the C++ op (one pass over the
     keys, both cores), else one gather, a float32 rotation over [nb, H, D, B] and one
-    scatter. Both give the bits of the per-position `rerotate_keys`, their reference."""
+    scatter. Both give the bits of the per-position `rerotate_keys`, their reference.
+
+    key_layout: "vec" (keys [D][B] per block and head, what every other op here reads) or
+    "amx" ([B/16][D/2][16][2]: vLLM's layout for bf16 on AMX CPUs, used where nothing but
+    vLLM's own kernel and this op reads the cache, as with CLEX alone)."""
+    if key_layout not in KEY_LAYOUTS:
+        raise ValueError(f"key_layout must be one of {KEY_LAYOUTS}, got {key_layout!r}")
+    amx = key_layout == "amx"
     op = rerotate_op() if use_extension else None
     if op is not None:
-        op(kv_cache, plan.blocks, plan.cos, plan.sin, plan.lo, plan.hi, style.rotary_dim, style.neox)
+        op(kv_cache, plan.blocks, plan.cos, plan.sin, plan.lo, plan.hi, style.rotary_dim, style.neox, amx)
         return
     n, h, bs, d2 = kv_cache.shape
-    keys_t = kv_cache.view(n, h, 2, bs * (d2 // 2))[:, :, 0].view(n, h, d2 // 2, bs)
-    x = keys_t[plan.blocks].to(torch.float32)  # [nb, H, D, B]
+    d = d2 // 2
+    keys = kv_cache.view(n, h, 2, bs * d)[:, :, 0]
+    # indexed as [n, H, D, B] (amx: as (D/2, 2, B/16, 16), a strided view of its 16-slot groups)
+    keys_t = keys.view(n, h, bs // 16, d // 2, 16, 2).permute(0, 1, 3, 5, 2, 4) if amx else keys.view(n, h, d, bs)
+    x = keys_t[plan.blocks].reshape(len(plan.blocks), h, d, bs).to(torch.float32)  # [nb, H, D, B]
     r = style.rotary_dim
     if style.neox:
         x1, x2 = x[:, :, : r // 2], x[:, :, r // 2 : r]
@@ -407,4 +421,4 @@ def rerotate_blocks(kv_cache: torch.Tensor, plan: Rerotation, style: RopeStyle, 
         x[:, :, : r // 2], x[:, :, r // 2 : r] = y1, y2
     else:
         x[:, :, 0:r:2], x[:, :, 1:r:2] = y1, y2
-    keys_t[plan.blocks] = x.to(kv_cache.dtype)
+    keys_t[plan.blocks] = x.to(kv_cache.dtype).view((len(plan.blocks),) + keys_t.shape[1:])

@@ -145,7 +145,9 @@ def plugin_layers(llm, results):
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     layers = [m for m in model.modules() if isinstance(m, LMInfAttention)]
     return {"class": type(model).__name__, "swapped": len(layers),
-            "backends": sorted({layer.attn_backend.__name__ for layer in layers})}
+            "backends": sorted({layer.attn_backend.__name__ for layer in layers}),
+            # the CPU cache layout (vLLM's ISA name) the layers' builders chose, where set
+            "isas": sorted({str(getattr(layer, "isa", None)) for layer in layers})}
 
 
 def sequential(llm, results, *, prompts, max_tokens):

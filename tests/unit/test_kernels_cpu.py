@@ -178,3 +178,43 @@ def test_block_rerotation_against_float64_and_the_per_position_reference(neox, r
         assert bool(same.all(-1)[~changed].all())
         assert torch.equal(values.nan_to_num(7.0), values0.nan_to_num(7.0))
     assert absolute_cpu.Rerotation.plan(table[0], 10, 10, delta, bs) is None
+
+
+def _in_vllm_layout(vec_cache: torch.Tensor, isa: str) -> torch.Tensor:
+    """The same keys and values written by vLLM's own cpu_attn_reshape_and_cache for `isa`
+    (vLLM defines that layout; this test does not restate it)."""
+    ops = pytest.importorskip("vllm._custom_ops")
+    n, h, bs, d2 = vec_cache.shape
+    keys, values = absolute_views(vec_cache)  # [n, H, B, D]
+    out = torch.zeros_like(vec_cache)
+    kc, vc = out.view(n, h, 2 * bs, d2 // 2).chunk(2, dim=2)
+    k, v = keys.permute(0, 2, 1, 3).reshape(n * bs, h, -1), values.permute(0, 2, 1, 3).reshape(n * bs, h, -1)
+    ops.cpu_attn_reshape_and_cache(k.contiguous(), v.contiguous(), kc, vc, torch.arange(n * bs), isa, k_scale=1.0,
+                                   v_scale=1.0, kv_cache_dtype="auto")
+    return out
+
+
+@pytest.mark.parametrize("use_extension", [True, False], ids=["cpp", "torch"])
+@pytest.mark.parametrize("neox,rotary_dim,dh", [(True, 64, 64), (False, 48, 64), (True, 32, 32)])
+def test_block_rerotation_in_vllm_amx_layout(neox, rotary_dim, dh, use_extension, seed):
+    """CLEX alone keeps vLLM's "amx" cache layout on AMX CPUs: the t step re-rotates keys in
+    that layout to the same bits as the per-position reference does in the "vec" layout
+    (both caches written by vLLM's own store op); values and other slots stay bit for bit."""
+    style = RopeStyle(rotary_dim, neox)
+    bs, hkv = 32, 2  # vLLM's amx layout: bf16, block size % 32 == 0
+    seq_lens = [300, 77]
+    raw, table = build_paged(seq_lens, hkv, dh, bs)
+    f = make_inv_freq(rotary_dim, 10000.0)
+    delta = make_inv_freq(rotary_dim, 500.0) - f
+    cache = to_absolute_layout(raw, table, seq_lens, f, style).nan_to_num(0.0).to(torch.bfloat16)
+    amx0 = _in_vllm_layout(cache, "amx")
+    assert not torch.equal(amx0, _in_vllm_layout(cache, "vec"))  # the layouts differ: the test can tell
+    for lo, hi in [(0, 300), (37, 261), (5, 6), (31, 33)]:
+        want = cache.clone()
+        absolute_cpu.rerotate_keys(want, table[0], lo, hi, delta, style)  # the reference, "vec" layout
+        got = amx0.clone()
+        plan = absolute_cpu.Rerotation.plan(table[0], lo, hi, delta, bs)
+        absolute_cpu.rerotate_blocks(got, plan, style, use_extension=use_extension, key_layout="amx")
+        assert torch.equal(got.view(torch.int16), _in_vllm_layout(want, "amx").view(torch.int16)), (lo, hi)
+    with pytest.raises(ValueError, match="key_layout"):
+        absolute_cpu.rerotate_blocks(amx0, plan, style, key_layout="vec16")

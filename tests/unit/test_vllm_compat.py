@@ -186,3 +186,19 @@ def test_runner_metadata_build_and_prompt_lengths():
     assert callable(GPUModelRunner._build_attention_metadata)
     assert "num_prompt_tokens_cpu_tensor" in inspect.getsource(InputBatch.__init__)
     assert "self.input_batch" in inspect.getsource(GPUModelRunner._build_attention_metadata)
+
+
+def test_cache_layout_is_vllms_pick_only_where_our_kernels_never_read_it():
+    """A group whose rows may reach the plugin's C++ kernels (past the window, top-k) needs
+    the "vec" layout they read; otherwise (CLEX alone) vLLM's pick stays, "amx" included.
+    vLLM must still offer exactly these two layouts for bf16 on x86."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from vllm_lminf.backends.absolute import cache_isa
+
+    assert cache_isa("amx", own_kernels=False) == "amx"
+    assert cache_isa("amx", own_kernels=True) == "vec"
+    assert cache_isa("vec", own_kernels=False) == "vec"
+    assert cache_isa("vec16", own_kernels=False) == "vec"  # a layout rerotate_blocks does not read
+    assert _get_attn_isa(torch.bfloat16, 128, 64) in ("amx", "vec")
+    assert _get_attn_isa(torch.float32, 128, 64) == "vec"

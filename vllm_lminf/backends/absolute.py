@@ -30,8 +30,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from lminf_kernels.absolute_cpp import lambda_op
-from lminf_kernels.absolute_cpu import (QueryPlan, Rerotation, lambda_attention_absolute, rerotate_blocks,
-                                        update_block_summaries)
+from lminf_kernels.absolute_cpu import (KEY_LAYOUTS, QueryPlan, Rerotation, lambda_attention_absolute,
+                                        rerotate_blocks, update_block_summaries)
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle, absolute_cos_sin, rotate
 
@@ -46,7 +46,17 @@ from . import ABSOLUTE as NAME
 from . import ABSOLUTE_CLEX as CLEX_NAME
 # vLLM CPU attention ISA whose cache layout our C++ kernel reads (keys dim-major per
 # block). vLLM would pick "amx" for bf16 on AMX machines; its "vec" kernel runs on every x86.
+# Groups whose rows never reach our kernels keep vLLM's pick (`cache_isa`).
 ISA = "vec"
+
+
+def cache_isa(vllm_pick: str, own_kernels: bool) -> str:
+    """The cache layout (named by vLLM's CPU attention ISA) of one KV-cache group. Where a
+    row may reach our C++ kernels (past the window, top-k) it is "vec", which they read.
+    Otherwise (CLEX alone, or a window longer than any sequence) only vLLM's kernel and the
+    CLEX re-rotation, which reads "vec" and "amx", touch the cache: vLLM's own pick stays, so
+    on AMX CPUs those layers run vLLM's AMX kernel (~3x "vec" at 32K here)."""
+    return vllm_pick if not own_kernels and vllm_pick in KEY_LAYOUTS else ISA
 
 
 def supported(head_size: int) -> bool:
@@ -116,7 +126,6 @@ class AbsoluteMetadata:
 class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        vllm_compat.force_cpu_attention_isa(self, ISA)
         impls = {id(layer.impl): layer.impl
                  for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()}
         impl = next(iter(impls.values()))
@@ -125,6 +134,9 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
             raise ValueError("vllm-lminf: all layers of one KV-cache group must share one Λ pattern and RoPE")
         self.pattern, self.inv_freq, self.clex = impl.pattern, impl.inv_freq, impl.clex
         self.top_k = group_top_k(impls.values(), kv_cache_spec.block_size, impl.pattern.n_local)
+        beyond_possible = impl.pattern.n_local < vllm_config.model_config.max_model_len
+        vllm_compat.force_cpu_attention_isa(self, cache_isa(vllm_compat.cpu_attention_isa(self),
+                                                            own_kernels=beyond_possible or self.top_k is not None))
         if self.clex is not None:
             vllm_compat.track_prompt_lengths()
 
@@ -285,7 +297,7 @@ class AbsoluteImpl(CPUAttentionBackendImpl):
         from vllm import _custom_ops as ops
 
         for plan in wave.rerotate:
-            rerotate_blocks(kv_cache, plan, self.style)
+            rerotate_blocks(kv_cache, plan, self.style, key_layout=layer.isa)
         if wave.rows is not None:
             key, value = key.index_select(0, wave.rows), value.index_select(0, wave.rows)
         if wave.row_scale is not None:

@@ -506,13 +506,19 @@ std::tuple<at::Tensor, at::Tensor> lambda_rows(const at::Tensor& q, const at::Te
 // CLEX's t step on one sequence's keys: slots [lo, hi), counted from slot 0 of the first
 // listed block, are rotated further by the angles in cos/sin ([nb, R/2, B]). Products are
 // rounded before they are summed, as torch's float32 ops do (no fused multiply-add), so the
-// torch path gives the same bits.
+// torch path gives the same bits. Keys of one (block, head) are read in either of vLLM's CPU
+// layouts: "vec" [D][B], or "amx" (vLLM's pick for bf16 on AMX CPUs) [B/16][D/2][16][2]:
+// 16-slot groups of channel pairs.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 template <typename T>
 void rerotate_impl(const at::Tensor& kv_cache, const at::Tensor& blocks, const at::Tensor& cos, const at::Tensor& sin,
-                   int64_t lo, int64_t hi, int64_t rotary_dim, bool neox) {
+                   int64_t lo, int64_t hi, int64_t rotary_dim, bool neox, bool amx_keys) {
   const int64_t H = kv_cache.size(1), B = kv_cache.size(2), D = kv_cache.size(3) / 2, half = rotary_dim / 2;
+  // offset of (channel c, slot j) in one (block, head)'s keys
+  const auto at = [&](int64_t c, int64_t j) {
+    return amx_keys ? (j / 16) * 16 * D + (c / 2) * 32 + (j % 16) * 2 + (c % 2) : c * B + j;
+  };
   const int64_t nb = blocks.size(0);
   T* base = kv_cache.data_ptr<T>();
   const int64_t* ids = blocks.data_ptr<int64_t>();
@@ -523,17 +529,27 @@ void rerotate_impl(const at::Tensor& kv_cache, const at::Tensor& blocks, const a
       const int64_t b = w / H, h = w % H;
       const int64_t s0 = std::max<int64_t>(lo - b * B, 0), s1 = std::min<int64_t>(hi - b * B, B);
       if (s1 <= s0) continue;
-      T* keys = base + (ids[b] * H + h) * 2 * D * B;  // [D][B], then the values
+      T* keys = base + (ids[b] * H + h) * 2 * D * B;  // the keys, then the values
       for (int64_t i = 0; i < half; ++i) {
-        T* x1 = keys + (neox ? i : 2 * i) * B;
-        T* x2 = keys + (neox ? i + half : 2 * i + 1) * B;
+        const int64_t c1 = neox ? i : 2 * i, c2 = neox ? i + half : 2 * i + 1;
         const float* c = cos_all + (b * half + i) * B;
         const float* s = sin_all + (b * half + i) * B;
+        if (!amx_keys) {  // contiguous slots: the loop the compiler vectorizes
+          T *x1 = keys + c1 * B, *x2 = keys + c2 * B;
+          for (int64_t j = s0; j < s1; ++j) {
+            const float a = static_cast<float>(x1[j]), e = static_cast<float>(x2[j]);
+            const float ac = a * c[j], es = e * s[j], ec = e * c[j], as = a * s[j];
+            x1[j] = static_cast<T>(ac - es);
+            x2[j] = static_cast<T>(ec + as);
+          }
+          continue;
+        }
         for (int64_t j = s0; j < s1; ++j) {
-          const float a = static_cast<float>(x1[j]), e = static_cast<float>(x2[j]);
+          T &x1 = keys[at(c1, j)], &x2 = keys[at(c2, j)];
+          const float a = static_cast<float>(x1), e = static_cast<float>(x2);
           const float ac = a * c[j], es = e * s[j], ec = e * c[j], as = a * s[j];
-          x1[j] = static_cast<T>(ac - es);
-          x2[j] = static_cast<T>(ec + as);
+          x1 = static_cast<T>(ac - es);
+          x2 = static_cast<T>(ec + as);
         }
       }
     }
@@ -542,7 +558,9 @@ void rerotate_impl(const at::Tensor& kv_cache, const at::Tensor& blocks, const a
 #pragma GCC pop_options
 
 void rerotate_keys(const at::Tensor& kv_cache, const at::Tensor& blocks, const at::Tensor& cos, const at::Tensor& sin,
-                   int64_t lo, int64_t hi, int64_t rotary_dim, bool neox) {
+                   int64_t lo, int64_t hi, int64_t rotary_dim, bool neox, bool amx_keys) {
+  TORCH_CHECK(!amx_keys || (kv_cache.size(2) % 16 == 0 && kv_cache.size(3) % 4 == 0),
+              "the amx key layout needs block size % 16 == 0 and an even head size");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(), "kv_cache must be contiguous [N, Hkv, B, 2D]");
   TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && 2 * rotary_dim <= kv_cache.size(3),
               "rotary_dim must be even, <= head size");
@@ -557,7 +575,7 @@ void rerotate_keys(const at::Tensor& kv_cache, const at::Tensor& blocks, const a
     const int64_t mn = blocks.min().item<int64_t>(), mx = blocks.max().item<int64_t>();
     TORCH_CHECK(mn >= 0 && mx < kv_cache.size(0), "block ids must lie in the cache");
   }
-#define LMINF_CALL(T) rerotate_impl<T>(kv_cache, blocks, cos, sin, lo, hi, rotary_dim, neox)
+#define LMINF_CALL(T) rerotate_impl<T>(kv_cache, blocks, cos, sin, lo, hi, rotary_dim, neox, amx_keys)
   switch (kv_cache.scalar_type()) {
     case at::kFloat: LMINF_CALL(float); break;
     case at::kBFloat16: LMINF_CALL(c10::BFloat16); break;
@@ -959,7 +977,7 @@ TORCH_LIBRARY(lminf_cpu, m) {
         "Tensor rows, Tensor lo, Tensor pos, Tensor n_glob, float scale, int rotary_dim, bool neox, "
         "int chunk_tokens, int query_tile) -> (Tensor, Tensor)");
   m.def("rerotate_keys(Tensor(a!) kv_cache, Tensor blocks, Tensor cos, Tensor sin, int lo, int hi, int rotary_dim, "
-        "bool neox) -> ()");
+        "bool neox, bool amx_keys) -> ()");
   m.def("middle_topk_merge(Tensor q_abs, Tensor kv_cache, Tensor block_row, Tensor counts, int n_global, "
         "Tensor blk_cos, Tensor blk_sin, Tensor off_cos, Tensor off_sin, int k, float scale, int rotary_dim, bool neox, "
         "Tensor inv_freq, int distance, int first_pos, Tensor(a!) res, Tensor res_lse) -> ()");
