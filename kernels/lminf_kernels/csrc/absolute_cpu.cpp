@@ -511,14 +511,22 @@ std::tuple<at::Tensor, at::Tensor> lambda_rows(const at::Tensor& q, const at::Te
 // 16-slot groups of channel pairs.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
+// n consecutive slots of one channel pair: x1 and x2 hold slot i at [STRIDE * i] ("vec":
+// 1, contiguous; "amx": 2, the pair's channels interleaved with their neighbours')
+template <int STRIDE, typename T>
+inline void rotate_slots(T* x1, T* x2, const float* c, const float* s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = static_cast<float>(x1[STRIDE * i]), e = static_cast<float>(x2[STRIDE * i]);
+    const float ac = a * c[i], es = e * s[i], ec = e * c[i], as = a * s[i];
+    x1[STRIDE * i] = static_cast<T>(ac - es);
+    x2[STRIDE * i] = static_cast<T>(ec + as);
+  }
+}
+
 template <typename T>
 void rerotate_impl(const at::Tensor& kv_cache, const at::Tensor& blocks, const at::Tensor& cos, const at::Tensor& sin,
                    int64_t lo, int64_t hi, int64_t rotary_dim, bool neox, bool amx_keys) {
   const int64_t H = kv_cache.size(1), B = kv_cache.size(2), D = kv_cache.size(3) / 2, half = rotary_dim / 2;
-  // offset of (channel c, slot j) in one (block, head)'s keys
-  const auto at = [&](int64_t c, int64_t j) {
-    return amx_keys ? (j / 16) * 16 * D + (c / 2) * 32 + (j % 16) * 2 + (c % 2) : c * B + j;
-  };
   const int64_t nb = blocks.size(0);
   T* base = kv_cache.data_ptr<T>();
   const int64_t* ids = blocks.data_ptr<int64_t>();
@@ -534,22 +542,15 @@ void rerotate_impl(const at::Tensor& kv_cache, const at::Tensor& blocks, const a
         const int64_t c1 = neox ? i : 2 * i, c2 = neox ? i + half : 2 * i + 1;
         const float* c = cos_all + (b * half + i) * B;
         const float* s = sin_all + (b * half + i) * B;
-        if (!amx_keys) {  // contiguous slots: the loop the compiler vectorizes
-          T *x1 = keys + c1 * B, *x2 = keys + c2 * B;
-          for (int64_t j = s0; j < s1; ++j) {
-            const float a = static_cast<float>(x1[j]), e = static_cast<float>(x2[j]);
-            const float ac = a * c[j], es = e * s[j], ec = e * c[j], as = a * s[j];
-            x1[j] = static_cast<T>(ac - es);
-            x2[j] = static_cast<T>(ec + as);
-          }
+        if (!amx_keys) {
+          rotate_slots<1>(keys + c1 * B + s0, keys + c2 * B + s0, c + s0, s + s0, s1 - s0);
           continue;
         }
-        for (int64_t j = s0; j < s1; ++j) {
-          T &x1 = keys[at(c1, j)], &x2 = keys[at(c2, j)];
-          const float a = static_cast<float>(x1), e = static_cast<float>(x2);
-          const float ac = a * c[j], es = e * s[j], ec = e * c[j], as = a * s[j];
-          x1 = static_cast<T>(ac - es);
-          x2 = static_cast<T>(ec + as);
+        // channel c of slot j sits at (j / 16) * 16 D + (c / 2) * 32 + (j % 16) * 2 + c % 2
+        const auto at = [&](int64_t ch, int64_t j) { return (j / 16) * 16 * D + (ch / 2) * 32 + (j % 16) * 2 + ch % 2; };
+        for (int64_t j = s0; j < s1; j = (j / 16 + 1) * 16) {  // one 16-slot group at a time
+          const int64_t n = std::min<int64_t>(s1, (j / 16 + 1) * 16) - j;
+          rotate_slots<2>(keys + at(c1, j), keys + at(c2, j), c + j, s + j, n);
         }
       }
     }
@@ -559,9 +560,9 @@ void rerotate_impl(const at::Tensor& kv_cache, const at::Tensor& blocks, const a
 
 void rerotate_keys(const at::Tensor& kv_cache, const at::Tensor& blocks, const at::Tensor& cos, const at::Tensor& sin,
                    int64_t lo, int64_t hi, int64_t rotary_dim, bool neox, bool amx_keys) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(), "kv_cache must be contiguous [N, Hkv, B, 2D]");
   TORCH_CHECK(!amx_keys || (kv_cache.size(2) % 16 == 0 && kv_cache.size(3) % 4 == 0),
               "the amx key layout needs block size % 16 == 0 and an even head size");
-  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(), "kv_cache must be contiguous [N, Hkv, B, 2D]");
   TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && 2 * rotary_dim <= kv_cache.size(3),
               "rotary_dim must be even, <= head size");
   TORCH_CHECK(blocks.dim() == 1 && blocks.scalar_type() == at::kLong && blocks.is_contiguous(),
