@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lminf_kernels.absolute_cpu import QueryPlan, lambda_attention_absolute
+from lminf_kernels.paged import absolute_views
 from lminf_kernels.raw_torch import lambda_paged_attention
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
@@ -42,11 +43,14 @@ def vllm_isa() -> str:
     """The ISA stock vLLM picks for SmolLM2's bf16 cache on this CPU ("amx" where AMX exists)."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    # Linux hands a process AMX state only once asked; inside an engine oneDNN's first bf16
-    # matmul asks. Without it vLLM's "amx" kernel dies with SIGILL in this bare process.
+    return _get_attn_isa(torch.bfloat16, 128, 64)
+
+
+def ask_for_amx_state() -> None:
+    """Linux hands a process AMX state only once asked; inside an engine oneDNN's first bf16
+    matmul asks. Without it vLLM's "amx" kernel dies with SIGILL in this bare process."""
     x = torch.ones(64, 64, dtype=torch.bfloat16)
     (x @ x).sum()
-    return _get_attn_isa(torch.bfloat16, 128, 64)
 
 
 def vllm_kernel(query, cache, table, seq_len, n_q, window, scale, isa="vec"):
@@ -82,6 +86,7 @@ def main(argv=None) -> int:
     inv = 1.0 / 1e5 ** (torch.arange(0, dh, 2).float() / dh)
     style, pattern, scale = RopeStyle(dh, True), LambdaPattern(10, w, w), dh**-0.5
     rows = []
+    ask_for_amx_state()
     isa = vllm_isa()  # what stock vLLM runs here; the rows without "(isa)" use the portable "vec"
 
     def paged_cache(seq_len):
@@ -129,7 +134,7 @@ def main(argv=None) -> int:
     # backend calls (its per-layer Python included); stock's full attention with the ISA it uses
     top_k = TopKRows(k=5, distance=w // 2, first_pos=[0])
     blocks = TopKRows(k=4, distance=w // 2, first_pos=[0], blocks=True, block_size=bs)
-    summaries = [summarize_blocks(c[:, :, :, :dh].float()) for c in caches]  # values are random: timing only
+    summaries = [summarize_blocks(absolute_views(c)[0]) for c in caches]
     per_layer["plugin Λ + exact top-k 5 (C++)"] = [
         lambda c=c: lambda_attention_absolute(query, c, table, [0, 1], [seq_len], plan=plan, top_k=top_k, **kw)
         for c in caches]

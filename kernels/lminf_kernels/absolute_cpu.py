@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .absolute_cpp import lambda_op, middle_blocks_op, middle_topk_op, rerotate_op
-from .paged import (absolute_views, attend_local, band_mask, from_head_rows,
+from .paged import (absolute_key_blocks, absolute_views, attend_local, band_mask, from_head_rows,
                     gather_span, global_seen, merge_global, merge_partials, to_head_rows)
 from .pattern import UNBOUNDED, LambdaPattern
 from .raw_torch import DEFAULT_QUERY_TILE
@@ -384,9 +384,6 @@ class Rerotation:
         return cls(block_row[first:end].long().contiguous(), c, s, inside, lo - start, hi - start)
 
 
-KEY_LAYOUTS = ("vec", "amx")  # vLLM's CPU cache layouts `rerotate_blocks` reads (named by vLLM's ISA)
-
-
 def rerotate_blocks(kv_cache: torch.Tensor, plan: Rerotation, style: RopeStyle, *, use_extension: bool = True,
                     key_layout: str = "vec") -> None:
     """Apply a `Rerotation` to one layer's cache, in place: the C++ op (one pass over the
@@ -396,19 +393,14 @@ def rerotate_blocks(kv_cache: torch.Tensor, plan: Rerotation, style: RopeStyle, 
     key_layout: "vec" (keys [D][B] per block and head, what every other op here reads) or
     "amx" ([B/16][D/2][16][2]: vLLM's layout for bf16 on AMX CPUs, used where nothing but
     vLLM's own kernel and this op reads the cache, as with CLEX alone)."""
-    if key_layout not in KEY_LAYOUTS:
-        raise ValueError(f"key_layout must be one of {KEY_LAYOUTS}, got {key_layout!r}")
-    amx = key_layout == "amx"
+    keys_t = absolute_key_blocks(kv_cache, key_layout)  # validates the layout
     op = rerotate_op() if use_extension else None
     if op is not None:
-        op(kv_cache, plan.blocks, plan.cos, plan.sin, plan.lo, plan.hi, style.rotary_dim, style.neox, amx)
+        op(kv_cache, plan.blocks, plan.cos, plan.sin, plan.lo, plan.hi, style.rotary_dim, style.neox,
+           key_layout == "amx")
         return
-    n, h, bs, d2 = kv_cache.shape
-    d = d2 // 2
-    keys = kv_cache.view(n, h, 2, bs * d)[:, :, 0]
-    # indexed as [n, H, D, B] (amx: as (D/2, 2, B/16, 16), a strided view of its 16-slot groups)
-    keys_t = keys.view(n, h, bs // 16, d // 2, 16, 2).permute(0, 1, 3, 5, 2, 4) if amx else keys.view(n, h, d, bs)
-    x = keys_t[plan.blocks].reshape(len(plan.blocks), h, d, bs).to(torch.float32)  # [nb, H, D, B]
+    _, h, bs, d2 = kv_cache.shape
+    x = keys_t[plan.blocks].reshape(len(plan.blocks), h, d2 // 2, bs).to(torch.float32)  # [nb, H, D, B]
     r = style.rotary_dim
     if style.neox:
         x1, x2 = x[:, :, : r // 2], x[:, :, r // 2 : r]

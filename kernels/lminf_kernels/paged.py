@@ -21,6 +21,23 @@ def raw_views(kv_cache: torch.Tensor) -> CacheViews:
     return kv_cache[..., :d], kv_cache[..., d:]
 
 
+KEY_LAYOUTS = ("vec", "amx")  # the absolute cache's key layouts, named by vLLM's CPU attention ISA
+
+
+def absolute_key_blocks(kv_cache: torch.Tensor, layout: str = "vec") -> torch.Tensor:
+    """The absolute cache's keys as a view [num_blocks, Hkv, ...] whose trailing dims flatten
+    to [D][B]: "vec" [D, B]; "amx" (vLLM's layout for bf16 on AMX CPUs, [B/16][D/2][16][2]
+    in memory, the keys only) permuted to [D/2, 2, B/16, 16]."""
+    if layout not in KEY_LAYOUTS:
+        raise ValueError(f"key_layout must be one of {KEY_LAYOUTS}, got {layout!r}")
+    n, h, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    keys = kv_cache.view(n, h, 2, bs * d)[:, :, 0]
+    if layout == "amx":
+        return keys.view(n, h, bs // 16, d // 2, 16, 2).permute(0, 1, 3, 5, 2, 4)
+    return keys.view(n, h, d, bs)
+
+
 def absolute_views(kv_cache: torch.Tensor) -> CacheViews:
     n, h, bs, d2 = kv_cache.shape
     d = d2 // 2

@@ -30,8 +30,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from lminf_kernels.absolute_cpp import lambda_op
-from lminf_kernels.absolute_cpu import (KEY_LAYOUTS, QueryPlan, Rerotation, lambda_attention_absolute,
+from lminf_kernels.absolute_cpu import (QueryPlan, Rerotation, lambda_attention_absolute,
                                         rerotate_blocks, update_block_summaries)
+from lminf_kernels.paged import KEY_LAYOUTS
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle, absolute_cos_sin, rotate
 
