@@ -73,7 +73,8 @@ def test_switch_off_is_stock(family, checkpoints, seed):
     sampling = dict(max_tokens=4, prompt_logprobs=0, logprobs=0)
     ours = run_engine(path, prompts, engine=engine, sampling=sampling, probe=plugin_layers)
     stock = run_engine(path, prompts, engine=engine, sampling=sampling, plugin=False)
-    assert ours["extra"] == {"class": "LMInf" + ARCHITECTURE[family], "swapped": 0, "backends": []}
+    assert ours["extra"] == {"class": "LMInf" + ARCHITECTURE[family], "swapped": 0, "backends": [],
+                             "isas": []}
     for p, o, s in zip(prompts, ours["results"], stock):
         assert o["tokens"] == s["tokens"]
         if family in ("qwen3", "mixtral"):  # the override is vLLM's own class
