@@ -257,11 +257,13 @@ inline void absorb(int rows, int D, int B, int n, float* s, const T* v, const in
 // so the hardware prefetcher cannot guess which block comes next. Costs ~20% when the
 // window is already cached (a micro-benchmark), saves ~20% when it is not (a real step:
 // every layer's window is evicted by the others).
-template <typename T>
-inline void prefetch_block(const T* p, int64_t elems) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < elems * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
+// Bytes [lo, hi) of p, a cache line at a time.
+inline void prefetch_bytes(const void* p, int64_t lo, int64_t hi) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = lo; off < hi; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
+template <typename T>
+inline void prefetch_block(const T* p, int64_t elems) { prefetch_bytes(p, 0, elems * static_cast<int64_t>(sizeof(T))); }
 
 struct Tile {
   int64_t first;  // first query row
@@ -691,10 +693,79 @@ inline void top_k_of(const float* l, int64_t n, int64_t k, float* val, int64_t* 
   for (; i < n; ++i) offer(i);
 }
 
+#if defined(__AVX512F__)
+// Few rows (a decode step: rows x query heads of one kv head <= kMaxGroup): out[g * B + b] =
+// <R(b) u_g, k_b> for slots [x0, x0 + 32) of one block's keys ([D][B]), each key's slot
+// rotation undone in registers on its way in. No float copy of the block is written, so
+// the keys stream through while the slot tables and accumulators stay in L1 (writing and
+// re-reading the copy made the op 1.3x slower with few rows to share it).
+template <int GC, typename K>
+inline void rotated_scores_tile(const MiddleRotation& rot, const float* u, const K* keys, int64_t x0,
+                                const __mmask16* m, float* out) {
+  constexpr int NS = 2;
+  const int64_t B = rot.B, D = rot.D;
+  __m512 acc[GC][NS];
+#pragma GCC unroll 8
+  for (int g = 0; g < GC; ++g)
+#pragma GCC unroll 2
+    for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < rot.half; ++i) {
+    const int64_t c1 = rot.ch1(i), c2 = rot.ch2(i);
+    __m512 xr[NS], yr[NS];
+#pragma GCC unroll 2
+    for (int j = 0; j < NS; ++j) {
+      const int64_t o = x0 + 16 * j;
+      const __m512 x = load16(keys + c1 * B + o, m[j]), y = load16(keys + c2 * B + o, m[j]);
+      const __m512 co = _mm512_maskz_loadu_ps(m[j], rot.off_cos + i * B + o);
+      const __m512 si = _mm512_maskz_loadu_ps(m[j], rot.off_sin + i * B + o);
+      xr[j] = _mm512_fmadd_ps(x, co, _mm512_mul_ps(y, si));   // R(-b) k, first channel
+      yr[j] = _mm512_fmsub_ps(y, co, _mm512_mul_ps(x, si));   // second channel
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < GC; ++g) {
+      const __m512 a1 = _mm512_set1_ps(u[g * D + c1]), a2 = _mm512_set1_ps(u[g * D + c2]);
+#pragma GCC unroll 2
+      for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_fmadd_ps(a2, yr[j], _mm512_fmadd_ps(a1, xr[j], acc[g][j]));
+    }
+  }
+  for (int64_t c = rot.rotary_dim; c < D; ++c) {  // channels past the rotary part: plain product
+#pragma GCC unroll 2
+    for (int j = 0; j < NS; ++j) {
+      const __m512 x = load16(keys + c * B + x0 + 16 * j, m[j]);
+#pragma GCC unroll 8
+      for (int g = 0; g < GC; ++g) acc[g][j] = _mm512_fmadd_ps(_mm512_set1_ps(u[g * D + c]), x, acc[g][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < GC; ++g)
+#pragma GCC unroll 2
+    for (int j = 0; j < NS; ++j) _mm512_mask_storeu_ps(out + g * B + x0 + 16 * j, m[j], acc[g][j]);
+}
+
+// rotated_scores_tile over slots [0, s1) for `rows` <= kMaxGroup rows. next: the key block
+// this thread scores after this one (or null), asked for a share per 32 slots so that it
+// arrives while this block computes (the middle is paged: 1.2x on caches not in L3).
+template <typename K>
+inline void rotated_scores(const MiddleRotation& rot, int rows, const float* u, const K* keys, int64_t s1, float* out,
+                           const K* next) {
+  __mmask16 m[2];
+  const int64_t bytes = rot.D * rot.B * static_cast<int64_t>(sizeof(K)), steps = (s1 + 31) / 32;
+  const int64_t share = (bytes / steps + 63) / 64 * 64;
+  for (int64_t x0 = 0, step = 0; x0 < s1; x0 += 32, ++step) {
+    if (next != nullptr) prefetch_bytes(next, step * share, std::min(bytes, (step + 1) * share));
+    slice_masks(static_cast<int>(x0), static_cast<int>(s1), 2, m);
+#define LMINF_ROTATED(GC) rotated_scores_tile<GC>(rot, u, keys, x0, m, out)
+    LMINF_DISPATCH_GC(rows, LMINF_ROTATED)
+#undef LMINF_ROTATED
+  }
+}
+#endif
+
 // Exact mode for the query rows of one sequence: per (row, query head) the k largest
 // logits of the middle [n_global, n_global + count); a row with count < k gets out = 0 and
 // lse = -inf. Keys are read and un-rotated once per (block, kv head) for every row and
-// query head, then scored by the register-tiled product the Λ kernel uses.
+// query head, then scored by the register-tiled product the Λ kernel uses; decode-sized
+// row sets rotate the keys in registers instead (rotated_scores).
 template <typename T>
 void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_row,
                       const at::Tensor& counts, int64_t n_global, const MiddleRotation& rot, int64_t k, float scale,
@@ -713,9 +784,17 @@ void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at:
   float* lse_p = lse.data_ptr<float>();
   const int64_t first_blk = n_global / B, nblk = (n_global + n_max - 1) / B - first_blk + 1;
   std::vector<float> logits(static_cast<size_t>(R * Hq * n_max));
+  int64_t scoring_rows = 0;  // (row, query head) pairs per kv head
+  for (int64_t r = 0; r < R; ++r) scoring_rows += cnt[r] >= k ? G : 0;
+#if defined(__AVX512F__)
+  const bool in_registers = scoring_rows <= kMaxGroup;
+#else
+  const bool in_registers = false;
+#endif
   // 1. logits, work split over (kv head, middle block)
   at::parallel_for(0, Hkv * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kr(D * B), u(G * D), acc(G * B);
+    std::vector<float> kr(in_registers ? 0 : D * B), u(std::max<int64_t>(G, scoring_rows) * D),
+        acc(std::max<int64_t>(G, scoring_rows) * B);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t h = w / nblk, blk = first_blk + w % nblk, j0 = blk * B;
       const int64_t s0 = std::max<int64_t>(n_global - j0, 0);
@@ -723,6 +802,27 @@ void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at:
       for (int64_t r = 0; r < R; ++r)
         if (cnt[r] >= k) s_hi = std::max<int64_t>(s_hi, std::min<int64_t>(n_global + cnt[r] - j0, B));
       if (s_hi <= s0) continue;
+#if defined(__AVX512F__)
+      if (in_registers) {  // every scoring row at once, keys rotated back in registers
+        int64_t n = 0;
+        for (int64_t r = 0; r < R; ++r)
+          if (cnt[r] >= k)
+            for (int64_t g = 0; g < G; ++g, ++n) rot.to_block(qp + (r * Hq + h * G + g) * D, blk, u.data() + n * D);
+        const T* next = w + 1 < end ? cache + (ids[first_blk + (w + 1) % nblk] * Hkv + (w + 1) / nblk) * 2 * D * B : nullptr;
+        rotated_scores(rot, static_cast<int>(n), u.data(), cache + (ids[blk] * Hkv + h) * 2 * D * B, s_hi, acc.data(),
+                       next);
+        n = 0;
+        for (int64_t r = 0; r < R; ++r) {
+          if (cnt[r] < k) continue;
+          const int64_t s1 = std::min<int64_t>(n_global + cnt[r] - j0, B);
+          for (int64_t g = 0; g < G; ++g, ++n) {
+            float* dst = logits.data() + (r * Hq + h * G + g) * n_max + (j0 - n_global);
+            for (int64_t b = s0; b < s1; ++b) dst[b] = acc[n * B + b] * scale;
+          }
+        }
+        continue;
+      }
+#endif
       rot.unrotate(cache + (ids[blk] * Hkv + h) * 2 * D * B, s_hi, kr.data());
       for (int64_t r = 0; r < R; ++r) {
         if (cnt[r] < k) continue;
