@@ -43,7 +43,8 @@ def lambda_attention_dense(
     top_k: tuple[int, int] | None = None,
     top_k_rows: torch.Tensor | None = None,
     top_k_block_size: int | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Λ attention of raw queries over raw keys/values of one sequence.
 
     q: [Tq, Hq, D] (before rotation), k/v: [S, Hkv, D] for key positions 0..S-1,
@@ -52,7 +53,8 @@ def lambda_attention_dense(
     middle keys with the largest logit at `distance`, at that logit. With top_k_block_size
     (block mode) k counts blocks: the k middle blocks with the largest bound
     sum_c max(q_c max_c, q_c min_c) (q rotated by `distance`, min/max over the block's raw
-    keys) give all their middle keys, at `distance`. Returns [Tq, Hq, Dv] in `dtype`.
+    keys) give all their middle keys, at `distance`. Returns [Tq, Hq, Dv] in `dtype`, and
+    with return_lse also each row's log-sum-exp of the logits it attends, [Tq, Hq].
     """
     tq, hq, _ = q.shape
     s, hkv, _ = k.shape
@@ -72,7 +74,8 @@ def lambda_attention_dense(
     probs = torch.softmax(logits, dim=-1)
     probs = torch.nan_to_num(probs)  # a query with no key (cannot happen for p >= 0) stays 0
     v_rep = v.to(dtype).repeat_interleave(group, dim=1)
-    return torch.einsum("hts,shd->thd", probs, v_rep)
+    out = torch.einsum("hts,shd->thd", probs, v_rep)
+    return (out, torch.logsumexp(logits, dim=-1).t()) if return_lse else out
 
 
 def _with_top_k(logits, q, k_rep, q_pos, pattern, style, inv_freq, scale, k, distance, rows, block_size=None):

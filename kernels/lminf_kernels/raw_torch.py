@@ -70,13 +70,7 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         v_span = v_span.to(torch.float32)
         middle = None
         if top_k is not None and top_k.uses(i, seq_len - 1, pattern):
-            # middle keys (raw), scored by queries rotated by the top-k distance
-            dcos, dsin = cos_sin(torch.tensor(top_k.distance), freq)
-            if top_k.blocks:
-                middle = (None, None, dcos, dsin)
-            else:
-                k_mid, _ = gather_span(views, row, pattern.n_global, seq_len - pattern.n_local, with_values=False)
-                middle = (k_mid.to(torch.float32), middle_values(views, row, pattern.n_global), dcos, dsin)
+            middle = _Middle(views, row, seq_len, top_k, i, pattern, style, freq, scale, block_summary)
         for t0 in range(a, b, query_tile):
             t1 = min(b, t0 + query_tile)
             pa, pb = first_pos + (t0 - a), first_pos + (t1 - a) - 1
@@ -93,16 +87,7 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
             keys = slice(lo - span_lo, pb + 1 - span_lo)
             res, lse = attend_local(q_loc, k_span[:, keys], v_span[:, keys], mask, scale)
             if middle is not None:
-                k_mid, v_mid, dcos, dsin = middle
-                counts, use = row_rule(torch.arange(pa, pb + 1), top_k.first_pos[i], top_k.k, pattern, group)
-                q_mid = rotate(q_heads, dcos, dsin, style).reshape(hkv, group * tq, dh)
-                if top_k.blocks:
-                    last_mid = (torch.arange(pa, pb + 1) - pattern.n_local).repeat(group)
-                    part = attend_middle_blocks(q_mid, block_summary, row, _raw_fetch(views, row), last_mid, use,
-                                                top_k.k, scale, top_k.block_size, pattern.n_global)
-                else:
-                    part = attend_middle(q_mid, k_mid, v_mid, counts, use, top_k.k, scale)
-                res, lse = merge_partials(res, lse, *part)
+                res, lse = merge_partials(res, lse, *middle.partial(q_heads, pa, pb))
 
             g_hi = pattern.global_end(pb)
             if g_hi > 0:
@@ -113,6 +98,68 @@ def lambda_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                 res, lse = merge_global(res, lse, s_g.masked_fill(~seen, float("-inf")), v_g)
 
             out[t0:t1] = from_head_rows(res, tq)
+    return out
+
+
+class _Middle:
+    """One sequence's top-k middle in the raw layout: the partial softmax of its rows over
+    their k best middle keys (exact) or the tokens of their k best blocks (block mode),
+    with queries rotated by the top-k distance (raw keys are unrotated)."""
+
+    def __init__(self, views, row, seq_len: int, top_k: TopKRows, seq: int, pattern: LambdaPattern,
+                 style: RopeStyle, freq: torch.Tensor, scale: float, block_summary) -> None:
+        self.views, self.row, self.top_k, self.seq, self.pattern = views, row, top_k, seq, pattern
+        self.style, self.scale, self.block_summary = style, scale, block_summary
+        self.dcos, self.dsin = cos_sin(torch.tensor(top_k.distance), freq)
+        if not top_k.blocks:  # every middle key is scored: gather them once for all tiles
+            k_mid, _ = gather_span(views, row, pattern.n_global, seq_len - pattern.n_local, with_values=False)
+            self.k_mid, self.v_mid = k_mid.to(torch.float32), middle_values(views, row, pattern.n_global)
+
+    def partial(self, q_heads: torch.Tensor, pa: int, pb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output [Hkv, group * T, D], lse) of rows at positions pa..pb (q_heads: `to_head_rows`, float32)."""
+        hkv, group, tq, dh = q_heads.shape
+        top_k, pattern = self.top_k, self.pattern
+        counts, use = row_rule(torch.arange(pa, pb + 1), top_k.first_pos[self.seq], top_k.k, pattern, group)
+        q_mid = rotate(q_heads, self.dcos, self.dsin, self.style).reshape(hkv, group * tq, dh)
+        if top_k.blocks:
+            last_mid = (torch.arange(pa, pb + 1) - pattern.n_local).repeat(group)
+            return attend_middle_blocks(q_mid, self.block_summary, self.row, _raw_fetch(self.views, self.row),
+                                        last_mid, use, top_k.k, self.scale, top_k.block_size, pattern.n_global)
+        return attend_middle(q_mid, self.k_mid, self.v_mid, counts, use, top_k.k, self.scale)
+
+
+def merge_middle(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                 query_start_loc: list[int], seq_lens: list[int], out: torch.Tensor, lse: torch.Tensor, *,
+                 pattern: LambdaPattern, style: RopeStyle, inv_freq: torch.Tensor, scale: float,
+                 top_k: TopKRows, query_scale: list[float] | None = None, sequences: list[int] | None = None,
+                 query_tile: int = DEFAULT_QUERY_TILE, block_summary: torch.Tensor | None = None) -> torch.Tensor:
+    """The top-k middle partial of the rows that use it, merged in place into a Λ result
+    computed elsewhere (the Triton kernel): out [T, Hq, D] and its log-sum-exp lse [T, Hq]
+    (float32, contiguous), both updated. Arguments as `lambda_paged_attention`; sequences
+    none of whose rows use top-k are left as they are."""
+    hkv = kv_cache.shape[1]
+    views = raw_views(kv_cache)
+    inv_freq = inv_freq.to(torch.float32)
+    for i in range(len(seq_lens)) if sequences is None else sequences:
+        a, b = query_start_loc[i], query_start_loc[i + 1]
+        if b <= a or not top_k.uses(i, seq_lens[i] - 1, pattern):
+            continue
+        freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
+        first_pos = seq_lens[i] - (b - a)
+        middle = _Middle(views, block_table[i], seq_lens[i], top_k, i, pattern, style, freq, scale, block_summary)
+        qmul = 1.0 if query_scale is None else query_scale[i]
+        for t0 in range(a, b, query_tile):
+            t1 = min(b, t0 + query_tile)
+            tq, group = t1 - t0, query.shape[1] // hkv
+            q = query[t0:t1].to(torch.float32)
+            if qmul != 1.0:
+                q = q * qmul
+            part = middle.partial(to_head_rows(q, hkv), first_pos + (t0 - a), first_pos + (t1 - a) - 1)
+            res = to_head_rows(out[t0:t1].to(torch.float32), hkv).reshape(hkv, group * tq, -1)
+            res_lse = lse[t0:t1].view(tq, hkv, group).permute(1, 2, 0).reshape(hkv, group * tq)
+            merged, merged_lse = merge_partials(res, res_lse, *part)
+            out[t0:t1] = from_head_rows(merged, tq).to(out.dtype)
+            lse[t0:t1] = merged_lse.view(hkv, group, tq).permute(2, 0, 1).reshape(tq, hkv * group)
     return out
 
 

@@ -58,6 +58,7 @@ from .pattern import LambdaPattern
 from .rope import RopeStyle
 
 _LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log-sum-exp back from log2 units inside the kernels
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -122,7 +123,7 @@ def _token_base(cache_ptr, bt_row_ptr, bt_s1, j, jm, kv_off, c_s0, c_s2, BLOCK_S
 @triton.jit
 def _lambda_attn_fwd(
     q_ptr, cache_ptr, bt_ptr, qsl_ptr, seqlen_ptr, freq_ptr, qscale_ptr,
-    out_ptr, part_acc_ptr, part_ml_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr, lse_ptr,
     num_seqs,
     q_s0, q_s1, q_s2,
     c_s0, c_s1, c_s2, c_s3,
@@ -136,7 +137,7 @@ def _lambda_attn_fwd(
     HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr, HALF_P2: tl.constexpr,
     PASS_DIM: tl.constexpr, PASS_P2: tl.constexpr, DV_P2: tl.constexpr,
     NEOX: tl.constexpr, HAS_QSCALE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, HAS_LSE: tl.constexpr,
 ):
     # dot operand dtype: the cache dtype; fp32 under the CPU interpreter for bf16,
     # whose interpreted dot multiplies raw bf16 bit patterns
@@ -291,6 +292,10 @@ def _lambda_attn_fwd(
         o = acc / l_safe[:, None]
         o_row = out_ptr + tok * o_s0 + head.to(tl.int64) * o_s1
         tl.store(o_row[:, None] + offs_v[None, :] * o_s2, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if HAS_LSE:  # natural log; scores are kept in log2 units (qk_scale has log2(e) in it)
+            hq = tl.num_programs(1) * GROUP
+            lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
+            tl.store(lse_ptr + tok * hq + head, lse, mask=row_ok)
     else:
         # partials: acc [T, Hq, S, D], (m, l) [T, Hq, S, 2], contiguous
         hq = tl.num_programs(1) * GROUP
@@ -302,8 +307,9 @@ def _lambda_attn_fwd(
 
 @triton.jit
 def _merge_splits(
-    part_acc_ptr, part_ml_ptr, out_ptr, o_s0, o_s1, o_s2,
+    part_acc_ptr, part_ml_ptr, out_ptr, o_s0, o_s1, o_s2, lse_ptr,
     NUM_SPLITS: tl.constexpr, S_P2: tl.constexpr, HEAD_DIM: tl.constexpr, DV_P2: tl.constexpr,
+    HAS_LSE: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -322,6 +328,9 @@ def _merge_splits(
                 other=0.0)
     num = tl.sum(a * w[:, None], 0)
     den = tl.sum(l * w, 0)
+    if HAS_LSE:
+        tl.store(lse_ptr + tok * hq + head, tl.where(den > 0.0, (m_max + tl.log2(tl.where(den > 0.0, den, 1.0))) * _LN2,
+                                                     float("-inf")))
     den = tl.where(den > 0.0, den, 1.0)
     o = num / den
     tl.store(out_ptr + tok * o_s0 + head.to(tl.int64) * o_s1 + offs_v * o_s2, o.to(out_ptr.dtype.element_ty),
@@ -407,6 +416,7 @@ def lambda_paged_attention_triton(
     block_n: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Λ attention for a batch of sequences (prefill chunks and decodes mixed).
 
@@ -416,7 +426,8 @@ def lambda_paged_attention_triton(
     lists); inv_freq: [R/2] or [num_seqs, R/2]; query_scale: None or [num_seqs].
     Returns `out` ([T, Hq, D], query dtype unless `out` given). block_m/block_n/
     num_splits/num_warps are tuning knobs (heuristic defaults); results do not
-    depend on them beyond rounding.
+    depend on them beyond rounding. lse: float32 [T, Hq] contiguous, given to also get
+    each row's log-sum-exp of its Λ logits (so a top-k middle partial can be merged in).
     """
     num_tokens, hq, dh = query.shape
     nb, hkv, bs, two_d = kv_cache.shape
@@ -463,6 +474,9 @@ def lambda_paged_attention_triton(
         block_m=block_m, block_n=block_n, num_splits=num_splits, num_warps=num_warps,
     )
     num_splits = plan.num_splits
+    if lse is not None and not (lse.dtype == torch.float32 and lse.is_contiguous()
+                                and tuple(lse.shape) == (num_tokens, hq) and lse.device == device):
+        raise ValueError(f"lse must be a contiguous float32 [{num_tokens}, {hq}] tensor on {device}")
     pass_dim = dh - style.rotary_dim
     wide = kv_cache.dtype == torch.float32
 
@@ -475,7 +489,7 @@ def lambda_paged_attention_triton(
     grid = (plan.grid0, hkv, num_splits)
     _lambda_attn_fwd[grid](
         query, kv_cache, block_table, qsl, sl, freq, qscale,
-        out, part_acc, part_ml,
+        out, part_acc, part_ml, out if lse is None else lse,
         num_seqs,
         query.stride(0), query.stride(1), query.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
@@ -490,13 +504,13 @@ def lambda_paged_attention_triton(
         PASS_DIM=pass_dim, PASS_P2=_pow2(pass_dim) if pass_dim > 0 else 0, DV_P2=_pow2(dh),
         NEOX=bool(style.neox), HAS_QSCALE=query_scale is not None, NUM_SPLITS=num_splits,
         DOT_PREC="ieee" if wide else None, DOT_UPCAST=device.type != "cuda" and kv_cache.dtype == torch.bfloat16,
-        num_warps=plan.num_warps,
+        HAS_LSE=lse is not None, num_warps=plan.num_warps,
     )
     if num_splits > 1:
         _merge_splits[(num_tokens, hq)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1), out.stride(2),
+            part_acc, part_ml, out, out.stride(0), out.stride(1), out.stride(2), out if lse is None else lse,
             NUM_SPLITS=num_splits, S_P2=triton.next_power_of_2(num_splits), HEAD_DIM=dh, DV_P2=_pow2(dh),
-            num_warps=4,
+            HAS_LSE=lse is not None, num_warps=4,
         )
     return out
 

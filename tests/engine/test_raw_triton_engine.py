@@ -3,8 +3,8 @@ with `TRITON_INTERPRET=1` runs the Triton kernel where CUDA would, so the wiring
 metadata (query_start_loc / seq_lens device tensors, block tables, per-sequence frequency
 rows) to the kernel is exercised end to end without a GPU. Compared with the float64
 reference; a model with head size 80 takes the raw path (the CPU fast path needs a multiple
-of 32). With top-k (issue 15) the Triton kernel computes Λ and the torch code redoes the
-sequences whose rows use top-k."""
+of 32). With top-k (issue 15) the Triton kernel computes Λ and its log-sum-exp, and the
+torch code merges the middle partial of the rows that use top-k into it."""
 
 from __future__ import annotations
 

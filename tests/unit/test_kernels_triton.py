@@ -7,6 +7,7 @@ larger grid runs on the GPU.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -164,6 +165,58 @@ def _cpu_params():
 def test_matches_naive(seq_lens, q_lens, pattern, bs, hq, hkv, dh, rot, neox, dtype, knobs, seed):
     case = hash((tuple(seq_lens), tuple(q_lens), bs, hq, dh, rot, neox)) & 0xFFFF  # ints only: stable
     run_case(seq_lens, q_lens, pattern, bs, hq, hkv, dh, rot, neox, dtype, seed * 0x10000 + case, **knobs)
+
+
+# Top-k middle attention on the Triton route (issue 15): the kernel gives Λ and its log-sum-exp,
+# `raw_torch.merge_middle` merges the middle partial in.
+# (name, seq_lens, q_lens, pattern, block_size, hq, hkv, dh, rotary_dim, neox, k, distance, blocks, rows, knobs)
+TOP_K_CASES = [
+    ("decode_exact_gqa", [200, 65, 9], [1, 1, 1], P(4, 32, 32), 16, 6, 2, 16, 16, True, 3, 16, False, "last", {}),
+    ("chunks_exact_all_rows_gptj_splits", [150, 40, 90], [30, 40, 1], P(3, 24, 24), 16, 4, 2, 16, 12, False, 2, 12,
+     False, "all", dict(num_splits=2)),
+    ("decode_blocks_splits", [300, 100], [1, 1], P(4, 32, 32), 16, 4, 2, 16, 16, True, 2, 16, True, "last",
+     dict(num_splits=3)),
+    ("chunk_blocks_mqa_block_edge", [176, 64], [48, 64], P(4, 32, 32), 16, 4, 1, 16, 16, False, 2, 16, True, "all",
+     dict(block_m=8)),
+]
+
+
+@pytest.mark.parametrize("case", TOP_K_CASES, ids=[c[0] for c in TOP_K_CASES])
+def test_top_k_merged_into_the_triton_result_matches_dense(case, seed):
+    """The kernel's log-sum-exp against the float64 one of each row's Λ logits, and the
+    middle partial merged into the kernel's result against the dense float64 top-k rule
+    (exact and block mode, the last row or every row, GQA/MQA, split decode)."""
+    from lminf_kernels.naive import gather_paged, lambda_attention_dense
+    from lminf_kernels.raw_torch import merge_middle, update_block_summaries
+    from lminf_kernels.topk import TopKRows, filled_blocks
+
+    _, seq_lens, q_lens, pattern, bs, hq, hkv, dh, rot, neox, k, distance, blocks, rows, knobs = case
+    gen = torch.Generator().manual_seed(seed + 17)
+    query, cache, table, qsl = make_batch(seq_lens, q_lens, hq, hkv, dh, bs, F32, gen)
+    kw = dict(pattern=pattern, style=RopeStyle(rot, neox), inv_freq=inv_freq_for(rot), scale=dh**-0.5)
+    first_pos = [0 if rows == "all" else s - 1 for s in seq_lens]
+    want = lambda_paged_attention_naive(query, cache, table, qsl, seq_lens, top_k=(k, distance, first_pos),
+                                        top_k_block_size=bs if blocks else None, **kw)
+    lse = torch.full((qsl[-1], hq), float("nan"), device=DEVICE)
+    got = triton_lambda.lambda_paged_attention_triton(query.to(DEVICE), cache.to(DEVICE), table.to(DEVICE), qsl,
+                                                      seq_lens, lse=lse, **kw, **knobs)
+    for i, s in enumerate(seq_lens):  # Λ only: the log-sum-exp the merge relies on
+        a, b = qsl[i], qsl[i + 1]
+        kk, vv = gather_paged(cache, table[i], s, dh)
+        _, lse_want = lambda_attention_dense(query[a:b], kk, vv, torch.arange(s - (b - a), s), return_lse=True, **kw)
+        assert (lse[a:b].double().cpu() - lse_want).abs().max().item() < 1e-4, i
+    summary = None
+    if blocks:  # what earlier steps summarized: every full block (NaN elsewhere, so reading one shows)
+        summary = torch.full((cache.shape[0], hkv, 2, dh), float("nan"))
+        update_block_summaries(cache, summary, filled_blocks(table, [0, *itertools.accumulate(seq_lens)], seq_lens, bs))
+    rule = TopKRows(k, distance, first_pos, blocks=blocks, block_size=bs)
+    merge_middle(query.to(DEVICE), cache.to(DEVICE), table.to(DEVICE), qsl, seq_lens, got, lse, top_k=rule,
+                 block_summary=summary if summary is None else summary.to(DEVICE), **kw)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < TOL[F32]
+    plain = triton_lambda.lambda_paged_attention_triton(query.to(DEVICE), cache.to(DEVICE), table.to(DEVICE), qsl,
+                                                        seq_lens, **kw, **knobs)
+    assert rel_err(plain, want) > 10 * TOL[F32]  # the middle changed the result: the test can fail
 
 
 def test_tiling_knobs_do_not_change_results(seed):

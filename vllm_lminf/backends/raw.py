@@ -31,7 +31,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from lminf_kernels.paged import raw_views, store_kv
 from lminf_kernels.pattern import LambdaPattern
-from lminf_kernels.raw_torch import lambda_paged_attention, update_block_summaries
+from lminf_kernels.raw_torch import lambda_paged_attention, merge_middle, update_block_summaries
 from lminf_kernels.rope import RopeStyle
 
 from .. import vllm_compat
@@ -147,17 +147,13 @@ class RawImpl(AttentionImpl):
         if _use_triton(query):
             # Imported on first use only: the CPU path must not need a working Triton.
             from lminf_kernels.raw_triton import lambda_paged_attention_triton
+            with_top_k = top_k is not None and any(top_k.uses(i, s - 1, self.pattern) for i, s in enumerate(b.seq_lens))
+            lse = query.new_empty((n, query.shape[1]), dtype=torch.float32) if with_top_k else None
             lambda_paged_attention_triton(query[:n], kv_cache, b.block_table, b.query_start_loc_dev, b.seq_lens_dev,
-                                          **{k: v for k, v in kw.items() if k != "block_summary"})
-            if top_k is None:
-                return output
-            # The Triton kernel computes Λ only: the sequences with top-k rows are redone by the torch code.
-            redo = [i for i, s in enumerate(b.seq_lens) if b.query_start_loc[i + 1] > b.query_start_loc[i]
-                    and top_k.uses(i, s - 1, self.pattern)]
-            if not redo:
-                return output
-            lambda_paged_attention(query[:n], kv_cache, b.block_table, b.query_start_loc, b.seq_lens, top_k=top_k,
-                                   sequences=redo, **kw)
+                                          lse=lse, **{k: v for k, v in kw.items() if k != "block_summary"})
+            if with_top_k:  # the Triton kernel computes Λ and its log-sum-exp; the middle is merged in (torch)
+                merge_middle(query[:n], kv_cache, b.block_table, b.query_start_loc, b.seq_lens, output[:n], lse,
+                             top_k=top_k, **{k: v for k, v in kw.items() if k != "out"})
             return output
         lambda_paged_attention(query[:n], kv_cache, b.block_table, b.query_start_loc, b.seq_lens, top_k=top_k, **kw)
         return output
