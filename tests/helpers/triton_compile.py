@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     compiled = 0
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for rotary_dim, head_size in ((64, 64), (32, 80)):  # full rotary; partial with pass-through channels
-            for tokens in (1, 40):  # decode (split KV, merge kernel) and a prefill chunk
+            for tokens, with_lse in ((1, False), (40, False), (1, True), (40, True)):
+                # decode (split KV, merge kernel) and a prefill chunk; with the log-sum-exp (top-k) or not
                 launches.clear()
                 hq, hkv, block = 8, 2, 16
                 rt.lambda_paged_attention_triton(
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                     torch.zeros(8, hkv, block, 2 * head_size, dtype=dtype),
                     torch.arange(8, dtype=torch.int32)[None], [0, tokens], [100],
                     pattern=LambdaPattern(4, 32, 32), style=RopeStyle(rotary_dim, True),
-                    inv_freq=torch.ones(rotary_dim // 2), scale=0.1, num_splits=2 if tokens == 1 else None)
+                    inv_freq=torch.ones(rotary_dim // 2), scale=0.1, num_splits=2 if tokens == 1 else None,
+                    lse=torch.zeros(tokens, hq) if with_lse else None)
                 for fn, args, kw in launches:
                     kw = dict(kw)
                     num_warps = kw.pop("num_warps", 4)
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                     kernel = triton.compile(source, target=GPUTarget("cuda", a.arch, 32),
                                             options={"num_warps": num_warps})
                     compiled += 1
-                    print(f"compiled {fn.__name__} {dtype} rotary {rotary_dim}/{head_size} tokens {tokens}: "
+                    print(f"compiled {fn.__name__} {dtype} rotary {rotary_dim}/{head_size} tokens {tokens}"
+                          f"{' lse' if with_lse else ''}: "
                           f"sm_{a.arch} cubin {len(kernel.asm['cubin'])} bytes", flush=True)
     print(f"{compiled} kernels compiled for sm_{a.arch}")
     return 0
