@@ -107,13 +107,20 @@ class _Middle:
     with queries rotated by the top-k distance (raw keys are unrotated)."""
 
     def __init__(self, views, row, seq_len: int, top_k: TopKRows, seq: int, pattern: LambdaPattern,
-                 style: RopeStyle, freq: torch.Tensor, scale: float, block_summary) -> None:
+                 style: RopeStyle, freq: torch.Tensor, scale: float, block_summary, scores=None) -> None:
+        """scores: exact mode's middle logits from a kernel reading the cache in place
+        (`raw_triton.middle_scores_triton`'s signature); None: gathered here, scored in torch."""
         self.views, self.row, self.top_k, self.seq, self.pattern = views, row, top_k, seq, pattern
         self.style, self.scale, self.block_summary = style, scale, block_summary
         self.dcos, self.dsin = cos_sin(torch.tensor(top_k.distance), freq)
-        if not top_k.blocks:  # every middle key is scored: gather them once for all tiles
+        if top_k.blocks:
+            return
+        self.v_mid = middle_values(views, row, pattern.n_global)
+        if scores is not None:
+            self.k_mid = lambda q, n: scores(q, views[0], row, pattern.n_global, n, scale)
+        else:  # every middle key is scored: gather them once for all tiles
             k_mid, _ = gather_span(views, row, pattern.n_global, seq_len - pattern.n_local, with_values=False)
-            self.k_mid, self.v_mid = k_mid.to(torch.float32), middle_values(views, row, pattern.n_global)
+            self.k_mid = k_mid.to(torch.float32)
 
     def partial(self, q_heads: torch.Tensor, pa: int, pb: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(output [Hkv, group * T, D], lse) of rows at positions pa..pb (q_heads: `to_head_rows`, float32)."""
@@ -132,11 +139,13 @@ def merge_middle(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
                  query_start_loc: list[int], seq_lens: list[int], out: torch.Tensor, lse: torch.Tensor, *,
                  pattern: LambdaPattern, style: RopeStyle, inv_freq: torch.Tensor, scale: float,
                  top_k: TopKRows, query_scale: list[float] | None = None, sequences: list[int] | None = None,
-                 query_tile: int = DEFAULT_QUERY_TILE, block_summary: torch.Tensor | None = None) -> torch.Tensor:
+                 query_tile: int = DEFAULT_QUERY_TILE, block_summary: torch.Tensor | None = None,
+                 scores=None) -> torch.Tensor:
     """The top-k middle partial of the rows that use it, merged in place into a Λ result
     computed elsewhere (the Triton kernel): out [T, Hq, D] and its log-sum-exp lse [T, Hq]
     (float32, contiguous), both updated. Arguments as `lambda_paged_attention`; sequences
-    none of whose rows use top-k are left as they are."""
+    none of whose rows use top-k are left as they are. scores: exact mode's middle logits
+    from a kernel (`raw_triton.middle_scores_triton`), else torch."""
     hkv = kv_cache.shape[1]
     views = raw_views(kv_cache)
     inv_freq = inv_freq.to(torch.float32)
@@ -146,7 +155,8 @@ def merge_middle(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
             continue
         freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
         first_pos = seq_lens[i] - (b - a)
-        middle = _Middle(views, block_table[i], seq_lens[i], top_k, i, pattern, style, freq, scale, block_summary)
+        middle = _Middle(views, block_table[i], seq_lens[i], top_k, i, pattern, style, freq, scale, block_summary,
+                         scores)
         qmul = 1.0 if query_scale is None else query_scale[i]
         for t0 in range(a, b, query_tile):
             t1 = min(b, t0 + query_tile)
@@ -166,7 +176,7 @@ def merge_middle(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
 def _raw_fetch(views, block_row: torch.Tensor):
     """Block mode: the raw keys and values of a sequence's logical blocks [H, r, k] -> [H, r, k, B, D]."""
     keys, values = views
-    heads = torch.arange(keys.shape[1])[:, None, None]
+    heads = torch.arange(keys.shape[1], device=keys.device)[:, None, None]
 
     def fetch(logical: torch.Tensor):
         ids = block_row[logical].long()

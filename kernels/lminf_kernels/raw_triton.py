@@ -337,6 +337,61 @@ def _merge_splits(
              mask=v_ok)
 
 
+@triton.jit
+def _middle_scores(
+    q_ptr, cache_ptr, bt_ptr, out_ptr,
+    num_rows, num_keys, n_global,
+    q_s0, q_s1, q_s2, c_s0, c_s1, c_s2, c_s3, bt_s0, o_s0, o_s1, o_s2,
+    scale,
+    HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Top-k exact mode: out[h, m, i] = scale * <q[h, m], raw key n_global + i of kv head h>
+    for a tile of rows and middle keys (queries already rotated to the scoring distance)."""
+    h = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_P2)
+    m_ok = offs_m < num_rows
+    n_ok = offs_n < num_keys
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + h.to(tl.int64) * q_s0 + offs_m[:, None].to(tl.int64) * q_s1 + offs_d[None, :] * q_s2,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    j = n_global + offs_n
+    blk = tl.load(bt_ptr + (j // BLOCK_SIZE).to(tl.int64) * bt_s0, mask=n_ok, other=0).to(tl.int64)
+    base = cache_ptr + blk * c_s0 + h.to(tl.int64) * c_s1 + (j % BLOCK_SIZE).to(tl.int64) * c_s2
+    k = tl.load(base[:, None] + offs_d[None, :] * c_s3, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PREC) * scale
+    tl.store(out_ptr + h.to(tl.int64) * o_s0 + offs_m[:, None].to(tl.int64) * o_s1 + offs_n[None, :] * o_s2, s,
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def middle_scores_triton(q_mid: torch.Tensor, kv_cache: torch.Tensor, block_row: torch.Tensor, n_global: int,
+                         num_keys: int, scale: float, *, block_m: int = 16, block_n: int = 64) -> torch.Tensor:
+    """Top-k exact mode on the raw-key cache: logits [Hkv, M, num_keys] (float32) of rows
+    q_mid [Hkv, M, D] (float32, rotated to the scoring distance, one sequence's rows per KV
+    head) against its middle keys n_global .. n_global + num_keys - 1, read in place from
+    the paged cache (no gathered copy). block_row: the sequence's block-table row."""
+    hkv, rows, dh = q_mid.shape
+    out = torch.empty((hkv, rows, num_keys), dtype=torch.float32, device=q_mid.device)
+    if rows == 0 or num_keys == 0:
+        return out
+    q_mid = q_mid.to(torch.float32)
+    block_row = block_row.to(device=q_mid.device)
+    grid = (hkv, triton.cdiv(rows, block_m), triton.cdiv(num_keys, block_n))
+    _middle_scores[grid](
+        q_mid, kv_cache, block_row, out,
+        rows, num_keys, n_global,
+        q_mid.stride(0), q_mid.stride(1), q_mid.stride(2),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_row.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        float(scale),
+        HEAD_DIM=dh, D_P2=_pow2(dh), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2],
+        DOT_PREC="ieee", num_warps=4,
+    )
+    return out
+
+
 def _as_int32(x, device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=torch.int32).contiguous()
@@ -515,4 +570,4 @@ def lambda_paged_attention_triton(
     return out
 
 
-__all__ = ["lambda_paged_attention_triton"]
+__all__ = ["lambda_paged_attention_triton", "middle_scores_triton"]

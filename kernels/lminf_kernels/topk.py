@@ -85,8 +85,10 @@ def attend_middle(q: torch.Tensor, k_mid: torch.Tensor, v_mid: torch.Tensor, cou
                   use: torch.Tensor, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k partial softmax of rows q [H, M, D] over middle keys k_mid / v_mid [H, N, D]
     (key i at position n_global + i, in the frame where <q, k_mid> is the logit at the
-    scoring distance). v_mid may instead be a function of middle indices [H, r, k] giving
-    their values [H, r, k, D] (so that only the chosen values are read). Row m may see keys i < counts[m]; rows with use[m] False (or fewer
+    scoring distance). k_mid may instead be a function (rows q [H, r, D], n) giving their
+    scaled logits over the first n middle keys [H, r, n] (a kernel reading the cache in
+    place); v_mid may be a function of middle indices [H, r, k] giving their values
+    [H, r, k, D] (so that only the chosen values are read). Row m may see keys i < counts[m]; rows with use[m] False (or fewer
     than k keys) get lse = -inf and output 0. Returns (output [H, M, Dv], lse [H, M])."""
     h, m, dv = q.shape  # values as wide as keys (every model the plugin serves)
     out = q.new_zeros(h, m, dv)
@@ -95,15 +97,16 @@ def attend_middle(q: torch.Tensor, k_mid: torch.Tensor, v_mid: torch.Tensor, cou
     if len(rows) == 0:
         return out, lse
     n = int(counts[rows].max())
-    k_mid = k_mid[:, :n]
+    if not callable(k_mid):
+        k_mid = k_mid[:, :n]
     if not callable(v_mid):
         v_mid = v_mid[:, :n]
     step = max(1, MAX_SCORE_ELEMENTS // max(1, h * n))
     key_index = torch.arange(n)
     for c in range(0, len(rows), step):
         r = rows[c:c + step]
-        s = torch.bmm(q[:, r], k_mid.transpose(1, 2)) * scale  # [H, r, n]
-        s = s.masked_fill((key_index[None, :] >= counts[r][:, None])[None], float("-inf"))
+        s = k_mid(q[:, r], n) if callable(k_mid) else torch.bmm(q[:, r], k_mid.transpose(1, 2)) * scale  # [H, r, n]
+        s = s.masked_fill((key_index[None, :] >= counts[r][:, None])[None].to(s.device), float("-inf"))
         top, idx = s.topk(k, dim=-1)  # [H, r, k]
         if callable(v_mid):  # reads only the chosen values from the cache
             v_sel = v_mid(idx)
@@ -185,7 +188,7 @@ def middle_values(views, block_row: torch.Tensor, n_global: int):
     float32, read from the paged cache (key views of either layout)."""
     values = views[1]
     bs = values.shape[2]
-    heads = torch.arange(values.shape[1])[:, None, None]
+    heads = torch.arange(values.shape[1], device=values.device)[:, None, None]
 
     def at(index: torch.Tensor) -> torch.Tensor:
         pos = index + n_global

@@ -60,7 +60,23 @@ def main(argv: list[str] | None = None) -> int:
             return lambda *args, **kw: launches.append((self.fn, args, kw))
 
     rt._lambda_attn_fwd, rt._merge_splits = Intercept(rt._lambda_attn_fwd), Intercept(rt._merge_splits)
+    rt._middle_scores = Intercept(rt._middle_scores)
     compiled = 0
+
+    def compile_launches(label: str) -> None:
+        """Compile every launch intercepted since `launches` was cleared."""
+        nonlocal compiled
+        for fn, args, kw in launches:
+            kw = dict(kw)
+            num_warps = kw.pop("num_warps", 4)
+            names = fn.arg_names
+            signature = {n: _type_of(x) for n, x in zip(names, args)}
+            signature.update({n: "constexpr" for n in kw})
+            source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in kw.items()})
+            kernel = triton.compile(source, target=GPUTarget("cuda", a.arch, 32), options={"num_warps": num_warps})
+            compiled += 1
+            print(f"compiled {fn.__name__} {label}: sm_{a.arch} cubin {len(kernel.asm['cubin'])} bytes", flush=True)
+
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for rotary_dim, head_size in ((64, 64), (32, 80)):  # full rotary; partial with pass-through channels
             for tokens, with_lse in ((1, False), (40, False), (1, True), (40, True)):
@@ -74,20 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                     pattern=LambdaPattern(4, 32, 32), style=RopeStyle(rotary_dim, True),
                     inv_freq=torch.ones(rotary_dim // 2), scale=0.1, num_splits=2 if tokens == 1 else None,
                     lse=torch.zeros(tokens, hq) if with_lse else None)
-                for fn, args, kw in launches:
-                    kw = dict(kw)
-                    num_warps = kw.pop("num_warps", 4)
-                    names = fn.arg_names
-                    signature = {n: _type_of(x) for n, x in zip(names, args)}
-                    signature.update({n: "constexpr" for n in kw})
-                    source = ASTSource(fn=fn, signature=signature,
-                                       constexprs={(names.index(n),): v for n, v in kw.items()})
-                    kernel = triton.compile(source, target=GPUTarget("cuda", a.arch, 32),
-                                            options={"num_warps": num_warps})
-                    compiled += 1
-                    print(f"compiled {fn.__name__} {dtype} rotary {rotary_dim}/{head_size} tokens {tokens}"
-                          f"{' lse' if with_lse else ''}: "
-                          f"sm_{a.arch} cubin {len(kernel.asm['cubin'])} bytes", flush=True)
+                compile_launches(f"{dtype} rotary {rotary_dim}/{head_size} tokens {tokens}{' lse' if with_lse else ''}")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):  # top-k exact mode's middle logits
+        for head_size in (64, 80):
+            launches.clear()
+            rt.middle_scores_triton(torch.zeros(2, 5, head_size), torch.zeros(8, 2, 16, head_size, dtype=dtype),
+                                    torch.arange(8, dtype=torch.int32), 3, 40, 0.1)
+            compile_launches(f"{dtype} head {head_size}")
     print(f"{compiled} kernels compiled for sm_{a.arch}")
     return 0
 

@@ -211,12 +211,35 @@ def test_top_k_merged_into_the_triton_result_matches_dense(case, seed):
         update_block_summaries(cache, summary, filled_blocks(table, [0, *itertools.accumulate(seq_lens)], seq_lens, bs))
     rule = TopKRows(k, distance, first_pos, blocks=blocks, block_size=bs)
     merge_middle(query.to(DEVICE), cache.to(DEVICE), table.to(DEVICE), qsl, seq_lens, got, lse, top_k=rule,
-                 block_summary=summary if summary is None else summary.to(DEVICE), **kw)
+                 block_summary=summary if summary is None else summary.to(DEVICE),
+                 scores=triton_lambda.middle_scores_triton, **kw)
     assert torch.isfinite(got).all()
     assert rel_err(got, want) < TOL[F32]
     plain = triton_lambda.lambda_paged_attention_triton(query.to(DEVICE), cache.to(DEVICE), table.to(DEVICE), qsl,
                                                         seq_lens, **kw, **knobs)
     assert rel_err(plain, want) > 10 * TOL[F32]  # the middle changed the result: the test can fail
+
+
+@pytest.mark.parametrize("bs,dh,rows,keys,block_m,block_n", [(16, 16, 5, 70, 16, 64), (32, 80, 40, 300, 16, 32),
+                                                              (128, 64, 1, 130, 16, 64)])
+def test_middle_scores_match_float64(bs, dh, rows, keys, block_m, block_n, seed):
+    """Exact mode's middle logits read in place from a shuffled paged cache (head sizes not a
+    power of two, tiles that do not divide the rows or keys) against float64 products of the
+    gathered keys; the cache is NaN outside the middle, so a read past it shows."""
+    gen = torch.Generator().manual_seed(seed + 23)
+    hkv, n_global, seq = 2, 3, 3 + keys + 7
+    _, cache, table, _ = make_batch([seq], [1], 2, hkv, dh, bs, F32, gen)
+    keys_all = torch.cat([cache[int(b)] for b in table[0, : -(-seq // bs)]], dim=1)[:, :, :dh]  # [H, S, D]
+    mid = slice(n_global, n_global + keys)
+    poisoned = cache.clone()
+    for pos in [*range(n_global), *range(n_global + keys, -(-seq // bs) * bs)]:
+        poisoned[int(table[0, pos // bs]), :, pos % bs, :dh] = float("nan")
+    q = torch.randn(hkv, rows, dh, generator=gen)
+    got = triton_lambda.middle_scores_triton(q.to(DEVICE), poisoned[..., :dh].to(DEVICE), table[0].to(DEVICE),
+                                             n_global, keys, 0.3, block_m=block_m, block_n=block_n)
+    want = torch.einsum("hmd,hnd->hmn", q.double(), keys_all[:, mid].double()) * 0.3
+    assert got.shape == (hkv, rows, keys)
+    assert (got.double().cpu() - want).abs().max().item() < 1e-4
 
 
 def test_tiling_knobs_do_not_change_results(seed):

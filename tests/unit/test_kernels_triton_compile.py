@@ -20,4 +20,4 @@ def test_triton_kernels_compile_for_cuda(arch):
     out = subprocess.run([sys.executable, str(HELPER), "--arch", str(arch)], env=env, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert f"36 kernels compiled for sm_{arch}" in out.stdout, out.stdout[-2000:]
+    assert f"42 kernels compiled for sm_{arch}" in out.stdout, out.stdout[-2000:]

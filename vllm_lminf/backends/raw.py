@@ -146,14 +146,14 @@ class RawImpl(AttentionImpl):
             update_block_summaries(kv_cache, summary, top_k.filled)
         if _use_triton(query):
             # Imported on first use only: the CPU path must not need a working Triton.
-            from lminf_kernels.raw_triton import lambda_paged_attention_triton
+            from lminf_kernels.raw_triton import lambda_paged_attention_triton, middle_scores_triton
             with_top_k = top_k is not None and any(top_k.uses(i, s - 1, self.pattern) for i, s in enumerate(b.seq_lens))
             lse = query.new_empty((n, query.shape[1]), dtype=torch.float32) if with_top_k else None
             lambda_paged_attention_triton(query[:n], kv_cache, b.block_table, b.query_start_loc_dev, b.seq_lens_dev,
                                           lse=lse, **{k: v for k, v in kw.items() if k != "block_summary"})
-            if with_top_k:  # the Triton kernel computes Λ and its log-sum-exp; the middle is merged in (torch)
+            if with_top_k:  # Λ and its log-sum-exp from the kernel; the middle partial merged in
                 merge_middle(query[:n], kv_cache, b.block_table, b.query_start_loc, b.seq_lens, output[:n], lse,
-                             top_k=top_k, **{k: v for k, v in kw.items() if k != "out"})
+                             top_k=top_k, scores=middle_scores_triton, **{k: v for k, v in kw.items() if k != "out"})
             return output
         lambda_paged_attention(query[:n], kv_cache, b.block_table, b.query_start_loc, b.seq_lens, top_k=top_k, **kw)
         return output
