@@ -114,3 +114,29 @@ def test_serve_bench_quick(tmp_path):
         (128, "stock"), (128, "lminf"), (1024, "lminf"), (1024, "stock_swa")]
     for r in res["rows"]:
         assert r["completed"] == 8 and r["failed"] == 0 and r["median_ttft_ms"] > 0 and r["p99_itl_ms"] > 0
+
+
+def test_plot_passkey_merges_runs_by_length(tmp_path):
+    """Per-length quality runs in one plot: the run with more samples wins a length, renamed
+    settings share a line, and a folder without results is refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from plot_passkey import collect, main
+
+    def run(name, samples, settings):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "quality.json").write_text(json.dumps({"passkey_samples": samples, "settings": {
+            s: {"passkey": {str(n): acc}, "passkey_by_position": {f"{n}:middle": mid}}
+            for s, (n, acc, mid) in settings.items()}}))
+        return tmp_path / name
+
+    small = run("a", 10, {"topk": (16384, 1.0, [9, 9])})
+    big = run("b", 20, {"topk": (16384, 0.95, [18, 19]), "lambda": (16384, 0.05, [0, 19])})
+    wide = run("c", 20, {"topk": (65536, 1.0, [20, 20])})
+    got = collect([small, big, wide])
+    assert got["topk"] == {16384: (0.95, 20, (18, 19)), 65536: (1.0, 20, (20, 20))}
+    assert main([str(small), str(big), str(wide), "--rename", "topk=exact", "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 0
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "quality.json").write_text(json.dumps({"passkey_samples": 1, "settings": {}}))
+    with pytest.raises(SystemExit, match="no passkey results"):
+        main([str(tmp_path / "empty"), "--out", str(tmp_path / "q.png")])
