@@ -112,7 +112,7 @@ class _Middle:
         (`raw_triton.middle_scores_triton`'s signature); None: gathered here, scored in torch."""
         self.views, self.row, self.top_k, self.seq, self.pattern = views, row, top_k, seq, pattern
         self.style, self.scale, self.block_summary = style, scale, block_summary
-        self.dcos, self.dsin = cos_sin(torch.tensor(top_k.distance), freq)
+        self.dcos, self.dsin = cos_sin(torch.tensor(top_k.distance), freq.to(row.device))
         if top_k.blocks:
             return
         self.v_mid = middle_values(views, row, pattern.n_global)

@@ -348,9 +348,10 @@ def _middle_scores(
 ):
     """Top-k exact mode: out[h, m, i] = scale * <q[h, m], raw key n_global + i of kv head h>
     for a tile of rows and middle keys (queries already rotated to the scoring distance)."""
-    h = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # key tiles on grid axis 0 (up to 2^31 - 1 launches; axes 1 and 2 stop at 65535)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h = tl.program_id(1)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_P2)
     m_ok = offs_m < num_rows
     n_ok = offs_n < num_keys
@@ -378,7 +379,7 @@ def middle_scores_triton(q_mid: torch.Tensor, kv_cache: torch.Tensor, block_row:
         return out
     q_mid = q_mid.to(torch.float32)
     block_row = block_row.to(device=q_mid.device)
-    grid = (hkv, triton.cdiv(rows, block_m), triton.cdiv(num_keys, block_n))
+    grid = (triton.cdiv(num_keys, block_n), hkv, triton.cdiv(rows, block_m))
     _middle_scores[grid](
         q_mid, kv_cache, block_row, out,
         rows, num_keys, n_global,

@@ -163,7 +163,8 @@ def attend_middle_blocks(q: torch.Tensor, summary: torch.Tensor, block_row: torc
     lo, hi = summary[ids, :, 0].transpose(0, 1), summary[ids, :, 1].transpose(0, 1)  # [H, nb, D]
     qr = q[:, rows]
     bound = qr.clamp(min=0) @ hi.transpose(1, 2) + qr.clamp(max=0) @ lo.transpose(1, 2)  # [H, r, nb]
-    bound = bound.masked_fill((torch.arange(nb)[None, :] >= n_blocks[rows][:, None])[None], float("-inf"))
+    beyond = (torch.arange(nb)[None, :] >= n_blocks[rows][:, None])[None]  # row metadata lives on the CPU
+    bound = bound.masked_fill(beyond.to(bound.device), float("-inf"))
     chosen = bound.topk(k, dim=-1).indices + first  # logical blocks [H, r, k]
     out = None
     step = max(1, MAX_SCORE_ELEMENTS // max(1, h * k * block_size * q.shape[-1]))
@@ -172,8 +173,8 @@ def attend_middle_blocks(q: torch.Tensor, summary: torch.Tensor, block_row: torc
         keys, values = fetch(sel)
         if out is None:
             out = q.new_zeros(h, m, values.shape[-1])
-        pos = sel[..., None] * block_size + torch.arange(block_size)  # [H, r, k, B]
-        seen = (pos >= n_global) & (pos <= last_mid[r][None, :, None, None])
+        pos = sel[..., None] * block_size + torch.arange(block_size, device=sel.device)  # [H, r, k, B]
+        seen = (pos >= n_global) & (pos <= last_mid[r].to(sel.device)[None, :, None, None])
         s = torch.einsum("hrd,hrkbd->hrkb", q[:, r], keys.to(q.dtype)) * scale
         s = s.masked_fill(~seen, float("-inf")).flatten(2)  # [H, r, k*B]
         lse_r = torch.logsumexp(s, dim=-1)

@@ -212,7 +212,7 @@ def test_top_k_merged_into_the_triton_result_matches_dense(case, seed):
     rule = TopKRows(k, distance, first_pos, blocks=blocks, block_size=bs)
     merge_middle(query.to(DEVICE), cache.to(DEVICE), table.to(DEVICE), qsl, seq_lens, got, lse, top_k=rule,
                  block_summary=summary if summary is None else summary.to(DEVICE),
-                 scores=triton_lambda.middle_scores_triton, **kw)
+                 scores=triton_lambda.middle_scores_triton, **dict(kw, inv_freq=kw["inv_freq"].to(DEVICE)))
     assert torch.isfinite(got).all()
     assert rel_err(got, want) < TOL[F32]
     plain = triton_lambda.lambda_paged_attention_triton(query.to(DEVICE), cache.to(DEVICE), table.to(DEVICE), qsl,
