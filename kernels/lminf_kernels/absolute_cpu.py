@@ -23,7 +23,7 @@ import torch
 
 from .absolute_cpp import lambda_op, middle_blocks_op, middle_topk_op, rerotate_op
 from .paged import (absolute_key_blocks, absolute_views, attend_local, band_mask, from_head_rows,
-                    gather_span, global_seen, merge_global, merge_partials, to_head_rows)
+                    gather_span, global_seen, merge_global, merge_into_rows, to_head_rows)
 from .pattern import UNBOUNDED, LambdaPattern
 from .raw_torch import DEFAULT_QUERY_TILE
 from .rope import RopeStyle, absolute_cos_sin, rotate
@@ -288,10 +288,7 @@ def _merge_middle(query, kv_cache, row, first_pos, pattern, style, inv_freq, sca
     else:
         k_mid, values = _middle_keys(views, row, first_pos + tq - pattern.n_local, pattern, style, inv_freq)
         part = attend_middle(q_mid, k_mid, values, counts, use, top_k.k, scale)
-    res = to_head_rows(out.to(torch.float32), hkv).reshape(hkv, group * tq, dh)
-    res_lse = lse.view(tq, hkv, group).permute(1, 2, 0).reshape(hkv, group * tq)
-    merged, _ = merge_partials(res, res_lse, *part)
-    out.copy_(from_head_rows(merged, tq).to(out.dtype))
+    merge_into_rows(out, lse, part)
 
 
 def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

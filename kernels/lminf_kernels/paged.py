@@ -148,6 +148,20 @@ def merge_partials(res: torch.Tensor, lse: torch.Tensor, res2: torch.Tensor,
     return (res * w1[..., None] + res2 * w2[..., None]) / total[..., None], top + torch.log(total)
 
 
+def merge_into_rows(out: torch.Tensor, lse: torch.Tensor, part: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """A partial softmax `part` ([Hkv, G*T, Dv], [Hkv, G*T], as `to_head_rows` orders rows)
+    merged in place into a token-major result: out [T, Hq, Dv] and its log-sum-exp lse
+    [T, Hq] (float32, contiguous); both updated."""
+    tq, hq, dv = out.shape
+    hkv = part[0].shape[0]
+    group = hq // hkv
+    res = to_head_rows(out.to(torch.float32), hkv).reshape(hkv, group * tq, dv)
+    res_lse = lse.view(tq, hkv, group).permute(1, 2, 0).reshape(hkv, group * tq)
+    merged, merged_lse = merge_partials(res, res_lse, *part)
+    out.copy_(from_head_rows(merged, tq).to(out.dtype))
+    lse.copy_(merged_lse.view(hkv, group, tq).permute(2, 0, 1).reshape(tq, hq))
+
+
 def merge_global(res: torch.Tensor, lse: torch.Tensor, s_g: torch.Tensor,
                  v_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One softmax over local and global keys from the local result (res, lse) and the

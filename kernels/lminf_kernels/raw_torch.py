@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .paged import (attend_local, band_mask, from_head_rows, gather_span,
-                    global_seen, merge_global, merge_partials, raw_views, to_head_rows)
+from .paged import (attend_local, band_mask, from_head_rows, gather_span, global_seen, merge_global,
+                    merge_into_rows, merge_partials, raw_views, to_head_rows)
 from .pattern import LambdaPattern
 from .rope import RopeStyle, cos_sin, cos_sin_table, rotate
 from .topk import TopKRows, attend_middle, attend_middle_blocks, middle_values, row_rule, summarize_blocks
@@ -160,16 +160,11 @@ def merge_middle(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         qmul = 1.0 if query_scale is None else query_scale[i]
         for t0 in range(a, b, query_tile):
             t1 = min(b, t0 + query_tile)
-            tq, group = t1 - t0, query.shape[1] // hkv
             q = query[t0:t1].to(torch.float32)
             if qmul != 1.0:
                 q = q * qmul
             part = middle.partial(to_head_rows(q, hkv), first_pos + (t0 - a), first_pos + (t1 - a) - 1)
-            res = to_head_rows(out[t0:t1].to(torch.float32), hkv).reshape(hkv, group * tq, -1)
-            res_lse = lse[t0:t1].view(tq, hkv, group).permute(1, 2, 0).reshape(hkv, group * tq)
-            merged, merged_lse = merge_partials(res, res_lse, *part)
-            out[t0:t1] = from_head_rows(merged, tq).to(out.dtype)
-            lse[t0:t1] = merged_lse.view(hkv, group, tq).permute(2, 0, 1).reshape(tq, hkv * group)
+            merge_into_rows(out[t0:t1], lse[t0:t1], part)
     return out
 
 
