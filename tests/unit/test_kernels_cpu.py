@@ -218,3 +218,43 @@ def test_block_rerotation_in_vllm_amx_layout(neox, rotary_dim, dh, use_extension
         assert torch.equal(got.view(torch.int16), _in_vllm_layout(want, "amx").view(torch.int16)), (lo, hi)
     with pytest.raises(ValueError, match="key_layout"):
         absolute_cpu.rerotate_blocks(amx0, plan, style, key_layout="vec16")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 12], ids=["decode", "chunk"])
+def test_exact_top_k_ties_go_to_the_earliest_middle_keys(rows, threads, seed):
+    """Every middle key zero, so every middle logit is exactly 0: the C++ exact mode must
+    take the first k middle positions (the rule's tie order) whether one row scores in
+    registers with each thread keeping its own k best (decode) or many rows go through the
+    logit buffer (chunk), on one thread or two (the middle kv head's blocks split between them)."""
+    if not absolute_cpp._library_loaded():
+        pytest.skip("C++ kernel unavailable")
+    from lminf_kernels.topk import TopKRows
+
+    hq, hkv, dh, bs, k, seq_len = 6, 3, 32, 16, 5, 700  # 3 kv heads: two threads split one
+    pattern = LambdaPattern(3, 64, 64)
+    style, inv = RopeStyle(dh, True), make_inv_freq(dh)
+    n_blocks = -(-seq_len // bs)
+    cache = torch.zeros(n_blocks + 2, hkv, bs, 2 * dh, dtype=torch.bfloat16)
+    table = torch.randperm(n_blocks + 2)[:n_blocks].to(torch.int32)
+    values = torch.randn(seq_len, hkv, dh).to(torch.bfloat16)
+    keys = torch.randn(seq_len, hkv, dh).to(torch.bfloat16)
+    middle_end = seq_len - pattern.n_local  # the last row's middle ends here; earlier rows' sooner
+    keys[pattern.n_global:middle_end + 1] = 0.0
+    slots = table.long()[torch.arange(seq_len) // bs] * bs + torch.arange(seq_len) % bs
+    store_kv(absolute_views(cache), slots, keys, values)
+    query = torch.randn(rows, hq, dh)
+    out = torch.zeros(rows, hq, dh)
+    lse = torch.full((rows, hq), float("-inf"))
+    rule = TopKRows(k, 32, [0])
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert absolute_cpu._kernel_merge(query, cache, table, seq_len - rows, rule, 0, pattern, style, inv,
+                                          dh**-0.5, out, lse, None)
+    finally:
+        torch.set_num_threads(old)
+    first = values[pattern.n_global:pattern.n_global + k].float().mean(0)  # [Hkv, D]
+    want = first.repeat_interleave(hq // hkv, 0).expand(rows, hq, dh)
+    # Λ's part is absent (lse -inf), so the merged rows are the middle partial itself
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)

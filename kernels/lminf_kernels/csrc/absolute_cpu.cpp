@@ -704,13 +704,15 @@ inline float softmax_values(const float* l, const int64_t* pos, int64_t n, const
   return mx + std::log(sum);
 }
 
-// The k largest of l[0, n) (n >= k) into val (descending) and idx; ties go to the earlier
-// index. One pass with a running threshold: a candidate must beat the current k-th value,
-// so after the first few hundred logits almost every 16-lane group is rejected by one compare.
-inline void top_k_of(const float* l, int64_t n, int64_t k, float* val, int64_t* idx) {
-  int64_t m = 0;
-  auto offer = [&](int64_t i) {
-    const float x = l[i];
+// The k largest logits offered so far (val descending, idx), ties to the earlier index
+// when indices are offered in ascending order. Runs are screened 16 at a time against the
+// current k-th value, so once k are held almost every group is rejected by one compare.
+struct RunningTopK {
+  float* val;
+  int64_t* idx;
+  int64_t k;
+  int64_t m = 0;  // held so far
+  void offer(float x, int64_t i) {
     if (m == k) {
       if (!(x > val[k - 1])) return;
       --m;
@@ -718,16 +720,25 @@ inline void top_k_of(const float* l, int64_t n, int64_t k, float* val, int64_t* 
     int64_t p = m;
     for (; p > 0 && val[p - 1] < x; --p) val[p] = val[p - 1], idx[p] = idx[p - 1];
     val[p] = x, idx[p] = i, ++m;
-  };
-  int64_t i = 0;
-  for (; i < n && m < k; ++i) offer(i);
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) {
-    uint32_t hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(l + i), _mm512_set1_ps(val[k - 1]), _CMP_GT_OQ);
-    for (; hit; hit &= hit - 1) offer(i + __builtin_ctz(hit));
   }
+  // l[0, n) at indices base, base + 1, ...
+  void offer_run(const float* l, int64_t n, int64_t base) {
+    int64_t i = 0;
+    for (; i < n && m < k; ++i) offer(l[i], base + i);
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+      uint32_t hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(l + i), _mm512_set1_ps(val[k - 1]), _CMP_GT_OQ);
+      for (; hit; hit &= hit - 1) offer(l[i + __builtin_ctz(hit)], base + i + __builtin_ctz(hit));
+    }
 #endif
-  for (; i < n; ++i) offer(i);
+    for (; i < n; ++i) offer(l[i], base + i);
+  }
+};
+
+// The k largest of l[0, n) (n >= k) into val (descending) and idx; ties go to the earlier index.
+inline void top_k_of(const float* l, int64_t n, int64_t k, float* val, int64_t* idx) {
+  RunningTopK top{val, idx, k};
+  top.offer_run(l, n, 0);
 }
 
 #if defined(__AVX512F__)
@@ -823,7 +834,8 @@ inline void rotated_scores(const MiddleRotation& rot, int rows, const float* u, 
 // logits of the middle [n_global, n_global + count); a row with count < k gets out = 0 and
 // lse = -inf. Keys are read and un-rotated once per (block, kv head) for every row and
 // query head, then scored by the register-tiled product the Λ kernel uses; decode-sized
-// row sets rotate the keys in registers instead (rotated_scores).
+// row sets rotate the keys in registers instead (rotated_scores) and keep each row's k best
+// per thread as they go (no logit buffer, no second pass), merged at the end.
 template <typename T>
 void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_row,
                       const at::Tensor& counts, int64_t n_global, const MiddleRotation& rot, int64_t k, float scale,
@@ -841,7 +853,6 @@ void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at:
   float* out_p = out.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
   const int64_t first_blk = n_global / B, nblk = (n_global + n_max - 1) / B - first_blk + 1;
-  std::vector<float> logits(static_cast<size_t>(R * Hq * n_max));
   int64_t scoring_rows = 0;  // (row, query head) pairs per kv head
   for (int64_t r = 0; r < R; ++r) scoring_rows += cnt[r] >= k ? G : 0;
 #if defined(__AVX512F__)
@@ -849,6 +860,10 @@ void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at:
 #else
   const bool in_registers = false;
 #endif
+  // in registers: per thread and (row, query head) its k best so far; else every logit
+  const int64_t threads = in_registers ? at::get_num_threads() : 0, RH = R * Hq;
+  std::vector<float> logits(in_registers ? 0 : static_cast<size_t>(RH * n_max)), best_val(threads * RH * k);
+  std::vector<int64_t> best_idx(threads * RH * k), best_n(threads * RH, 0);
   // 1. logits, work split over (kv head, middle block)
   at::parallel_for(0, Hkv * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kr(in_registers ? 0 : D * B), u(std::max<int64_t>(G, scoring_rows) * D),
@@ -869,13 +884,19 @@ void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at:
         const T* next = w + 1 < end ? cache + (ids[first_blk + (w + 1) % nblk] * Hkv + (w + 1) / nblk) * 2 * D * B : nullptr;
         rotated_scores(rot, static_cast<int>(n), u.data(), cache + (ids[blk] * Hkv + h) * 2 * D * B, s_hi, acc.data(),
                        next);
+        const int64_t t = at::get_thread_num();
+        TORCH_CHECK(t < threads, "middle_topk: more threads than at::get_num_threads()");
         n = 0;
         for (int64_t r = 0; r < R; ++r) {
           if (cnt[r] < k) continue;
           const int64_t s1 = std::min<int64_t>(n_global + cnt[r] - j0, B);
           for (int64_t g = 0; g < G; ++g, ++n) {
-            float* dst = logits.data() + (r * Hq + h * G + g) * n_max + (j0 - n_global);
-            for (int64_t b = s0; b < s1; ++b) dst[b] = acc[n * B + b] * scale;
+            float* l = acc.data() + n * B;
+            for (int64_t b = s0; b < s1; ++b) l[b] *= scale;
+            const int64_t slot = t * RH + r * Hq + h * G + g;
+            RunningTopK top{best_val.data() + slot * k, best_idx.data() + slot * k, k, best_n[slot]};
+            if (s1 > s0) top.offer_run(l + s0, s1 - s0, j0 - n_global + s0);  // a thread meets its blocks in order
+            best_n[slot] = top.m;
           }
         }
         continue;
@@ -897,6 +918,25 @@ void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at:
     }
   });
   // 2. per (row, query head): the k best, their softmax partial over the values
+  if (in_registers) {  // the threads' k best merged: the first k by (logit desc, index asc)
+    std::vector<std::pair<float, int64_t>> cand;
+    std::vector<float> top(k);
+    std::vector<int64_t> pos(k);
+    for (int64_t w = 0; w < RH; ++w) {
+      if (cnt[w / Hq] < k) continue;
+      cand.clear();
+      for (int64_t t = 0; t < threads; ++t)
+        for (int64_t i = 0; i < best_n[t * RH + w]; ++i)
+          cand.emplace_back(best_val[(t * RH + w) * k + i], best_idx[(t * RH + w) * k + i]);
+      TORCH_CHECK(static_cast<int64_t>(cand.size()) >= k, "middle_topk: fewer than k candidates");
+      std::partial_sort(cand.begin(), cand.begin() + k, cand.end(), [](const auto& a, const auto& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+      });
+      for (int64_t i = 0; i < k; ++i) top[i] = cand[i].first, pos[i] = cand[i].second + n_global;
+      lse_p[w] = softmax_values(top.data(), pos.data(), k, cache, ids, Hkv, (w % Hq) / G, D, B, out_p + w * D);
+    }
+    return;
+  }
   at::parallel_for(0, R * Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> top(k);
     std::vector<int64_t> pos(k);
@@ -1049,11 +1089,9 @@ MiddleRotation check_middle(const at::Tensor& q, const at::Tensor& kv_cache, con
   for (const at::Tensor* t : {&off_cos, &off_sin})
     TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == half &&
                     t->size(1) == B, "off_cos/off_sin must be contiguous float32 [rotary_dim / 2, block size]");
-  if (n_blocks_needed > 0) {
-    const at::Tensor used = block_row.slice(0, 0, n_blocks_needed);
-    TORCH_CHECK(used.min().item<int64_t>() >= 0 && used.max().item<int64_t>() < kv_cache.size(0),
-                "block ids must lie in the cache");
-  }
+  const int64_t* ids = block_row.data_ptr<int64_t>();  // a plain loop: torch reductions cost more per call
+  for (int64_t b = 0; b < n_blocks_needed; ++b)
+    TORCH_CHECK(ids[b] >= 0 && ids[b] < kv_cache.size(0), "block ids must lie in the cache");
   return MiddleRotation{blk_cos.data_ptr<float>(), blk_sin.data_ptr<float>(), off_cos.data_ptr<float>(),
                         off_sin.data_ptr<float>(), half, rotary_dim, q.size(2), B, neox};
 }
@@ -1071,8 +1109,9 @@ std::tuple<at::Tensor, at::Tensor> middle_topk(const at::Tensor& q, const at::Te
                                                const at::Tensor& blk_cos, const at::Tensor& blk_sin,
                                                const at::Tensor& off_cos, const at::Tensor& off_sin, int64_t k,
                                                double scale, int64_t rotary_dim, bool neox) {
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous(), "counts must be contiguous int64 [R]");
   int64_t n_max = 0;
-  if (counts.numel() > 0) n_max = counts.max().item<int64_t>();
+  for (int64_t r = 0; r < counts.numel(); ++r) n_max = std::max(n_max, counts.data_ptr<int64_t>()[r]);
   const int64_t B = kv_cache.dim() == 4 ? kv_cache.size(2) : 1;
   const MiddleRotation rot = check_middle(q, kv_cache, block_row, counts, n_max > 0 ? (n_global + n_max - 1) / B + 1 : 0,
                                           blk_cos, blk_sin, off_cos, off_sin, k, n_global, rotary_dim, neox);
@@ -1088,8 +1127,9 @@ std::tuple<at::Tensor, at::Tensor> middle_blocks(const at::Tensor& q, const at::
                                                  const at::Tensor& blk_sin, const at::Tensor& off_cos,
                                                  const at::Tensor& off_sin, int64_t k, double scale,
                                                  int64_t rotary_dim, bool neox) {
+  TORCH_CHECK(last_mid.scalar_type() == at::kLong && last_mid.is_contiguous(), "last_mid must be contiguous int64 [R]");
   int64_t last = -1;
-  if (last_mid.numel() > 0) last = last_mid.max().item<int64_t>();
+  for (int64_t r = 0; r < last_mid.numel(); ++r) last = std::max(last, last_mid.data_ptr<int64_t>()[r]);
   const int64_t B = kv_cache.dim() == 4 ? kv_cache.size(2) : 1;
   const MiddleRotation rot = check_middle(q, kv_cache, block_row, last_mid, last >= n_global ? last / B + 1 : 0,
                                           blk_cos, blk_sin, off_cos, off_sin, k, n_global, rotary_dim, neox);
