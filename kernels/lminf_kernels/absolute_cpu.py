@@ -231,16 +231,25 @@ def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, 
     return True
 
 
-def _kernel_merge(query, kv_cache, row, first_pos: int, top_k: TopKRows, seq: int, pattern: LambdaPattern,
-                  style: RopeStyle, inv_freq, scale: float, out, lse, block_summary) -> bool:
-    """The middle partial of one sequence's rows (queries at absolute positions from
-    first_pos) merged into their Λ result (out, lse) in place by the C++ ops, as the torch
-    code below computes it. False (nothing written) when the ops are unavailable."""
-    op = middle_blocks_op() if top_k.blocks else middle_topk_op()
-    if op is None or not (out.is_contiguous() and lse.is_contiguous()):
-        return False
-    tq, hq = query.shape[:2]
-    bs = kv_cache.shape[2]
+@dataclass
+class _MiddleInputs:
+    """What the C++ middle ops need of one sequence's rows in a step besides the layer's
+    query and cache: the same for every layer, so built once per step (`TopKRows.memo`)."""
+
+    per_row: torch.Tensor  # exact: middle key count per row (0: no top-k); blocks: last middle position (-1)
+    keys_max: int
+    tables: tuple[torch.Tensor, ...]  # `_BLOCK_ROTATION` for the rows' middle
+    block_row: torch.Tensor  # int64, contiguous
+    freq: torch.Tensor  # contiguous float32 [R/2]
+
+
+def _middle_inputs(row, first_pos: int, tq: int, bs: int, top_k: TopKRows, seq: int, pattern: LambdaPattern,
+                   inv_freq: torch.Tensor) -> _MiddleInputs:
+    # keyed by the tensors' addresses: the memo holds them, so no other tensor can take them
+    key = (seq, first_pos, tq, bs, row.data_ptr(), inv_freq.data_ptr(), inv_freq.stride(0))
+    hit = top_k.memo.get(key)
+    if hit is not None:
+        return hit[0]
     pos = torch.arange(first_pos, first_pos + tq)
     if top_k.blocks:  # per row its last middle position, -1 where the row does not use top-k
         per_row = torch.where(pos >= top_k.first_pos[seq], pos - pattern.n_local, torch.full_like(pos, -1))
@@ -250,16 +259,30 @@ def _kernel_merge(query, kv_cache, row, first_pos: int, top_k: TopKRows, seq: in
         per_row = torch.where((pos >= top_k.first_pos[seq]) & (per_row >= top_k.k), per_row, torch.zeros_like(per_row))
         keys_max = int(per_row.max())
     tables = _BLOCK_ROTATION.get((pattern.n_global + max(keys_max, 1) - 1) // bs + 1, bs, inv_freq)
-    block_row, freq = row.long().contiguous(), inv_freq.contiguous()
-    rest = (style.rotary_dim, style.neox, freq, top_k.distance)
+    inputs = _MiddleInputs(per_row, keys_max, tables, row.long().contiguous(), inv_freq.contiguous())
+    top_k.memo[key] = (inputs, row, inv_freq)
+    return inputs
+
+
+def _kernel_merge(query, kv_cache, row, first_pos: int, top_k: TopKRows, seq: int, pattern: LambdaPattern,
+                  style: RopeStyle, inv_freq, scale: float, out, lse, block_summary) -> bool:
+    """The middle partial of one sequence's rows (queries at absolute positions from
+    first_pos) merged into their Λ result (out, lse) in place by the C++ ops, as the torch
+    code below computes it. False (nothing written) when the ops are unavailable."""
+    op = middle_blocks_op() if top_k.blocks else middle_topk_op()
+    if op is None or not (out.is_contiguous() and lse.is_contiguous()):
+        return False
+    tq, hq = query.shape[:2]
+    m = _middle_inputs(row, first_pos, tq, kv_cache.shape[2], top_k, seq, pattern, inv_freq)
+    rest = (style.rotary_dim, style.neox, m.freq, top_k.distance)
     if top_k.blocks:
-        op(query, kv_cache, block_row, per_row, pattern.n_global, block_summary, *tables, top_k.k, scale, *rest,
+        op(query, kv_cache, m.block_row, m.per_row, pattern.n_global, block_summary, *m.tables, top_k.k, scale, *rest,
            first_pos, out, lse)
         return True
-    step = max(1, MAX_SCORE_ELEMENTS // max(1, hq * keys_max))  # bounds the op's logit buffer
+    step = max(1, MAX_SCORE_ELEMENTS // max(1, hq * m.keys_max))  # bounds the op's logit buffer
     for a in range(0, tq, step):
-        op(query[a:a + step], kv_cache, block_row, per_row[a:a + step], pattern.n_global, *tables, top_k.k, scale,
-           *rest, first_pos + a, out[a:a + step], lse[a:a + step])
+        op(query[a:a + step], kv_cache, m.block_row, m.per_row[a:a + step], pattern.n_global, *m.tables, top_k.k,
+           scale, *rest, first_pos + a, out[a:a + step], lse[a:a + step])
     return True
 
 

@@ -22,7 +22,7 @@ the dense reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +44,9 @@ class TopKRows:
     block_size: int = 0
     # block mode: the blocks this step fills (ids, first positions, sequence), to summarize
     filled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # per-sequence inputs of the C++ middle ops, built by the first layer of the step and
+    # reused by the others (`absolute_cpu._middle_inputs`): the rule is one step's
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def uses(self, i: int, last_pos: int, pattern: LambdaPattern) -> bool:
         """Whether any row of sequence i, whose last query is at `last_pos`, uses top-k."""
