@@ -860,10 +860,15 @@ void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at:
 #else
   const bool in_registers = false;
 #endif
-  // in registers: per thread and (row, query head) its k best so far; else every logit
-  const int64_t threads = in_registers ? at::get_num_threads() : 0, RH = R * Hq;
-  std::vector<float> logits(in_registers ? 0 : static_cast<size_t>(RH * n_max)), best_val(threads * RH * k);
-  std::vector<int64_t> best_idx(threads * RH * k), best_n(threads * RH, 0);
+  // in registers: per thread and scoring (row, query head) its k best so far; else every logit.
+  // scoring[i]: the i-th row with a middle of >= k keys (a chunk may hold many rows without)
+  std::vector<int64_t> scoring;
+  for (int64_t r = 0; r < R; ++r)
+    if (cnt[r] >= k) scoring.push_back(r);
+  const int64_t threads = in_registers ? at::get_num_threads() : 0;
+  const int64_t SH = static_cast<int64_t>(scoring.size()) * Hq;  // scoring (row, query head) pairs
+  std::vector<float> logits(in_registers ? 0 : static_cast<size_t>(R * Hq * n_max)), best_val(threads * SH * k);
+  std::vector<int64_t> best_idx(threads * SH * k), best_n(threads * SH, 0);
   // 1. logits, work split over (kv head, middle block)
   at::parallel_for(0, Hkv * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kr(in_registers ? 0 : D * B), u(std::max<int64_t>(G, scoring_rows) * D),
@@ -887,13 +892,12 @@ void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at:
         const int64_t t = at::get_thread_num();
         TORCH_CHECK(t < threads, "middle_topk: more threads than at::get_num_threads()");
         n = 0;
-        for (int64_t r = 0; r < R; ++r) {
-          if (cnt[r] < k) continue;
-          const int64_t s1 = std::min<int64_t>(n_global + cnt[r] - j0, B);
+        for (int64_t i = 0; i < static_cast<int64_t>(scoring.size()); ++i) {
+          const int64_t s1 = std::min<int64_t>(n_global + cnt[scoring[i]] - j0, B);
           for (int64_t g = 0; g < G; ++g, ++n) {
             float* l = acc.data() + n * B;
             for (int64_t b = s0; b < s1; ++b) l[b] *= scale;
-            const int64_t slot = t * RH + r * Hq + h * G + g;
+            const int64_t slot = t * SH + i * Hq + h * G + g;
             RunningTopK top{best_val.data() + slot * k, best_idx.data() + slot * k, k, best_n[slot]};
             if (s1 > s0) top.offer_run(l + s0, s1 - s0, j0 - n_global + s0);  // a thread meets its blocks in order
             best_n[slot] = top.m;
@@ -922,12 +926,12 @@ void middle_topk_impl(const at::Tensor& q, const at::Tensor& kv_cache, const at:
     std::vector<std::pair<float, int64_t>> cand;
     std::vector<float> top(k);
     std::vector<int64_t> pos(k);
-    for (int64_t w = 0; w < RH; ++w) {
-      if (cnt[w / Hq] < k) continue;
+    for (int64_t sw = 0; sw < SH; ++sw) {
+      const int64_t w = scoring[sw / Hq] * Hq + sw % Hq;  // (row, query head)
       cand.clear();
       for (int64_t t = 0; t < threads; ++t)
-        for (int64_t i = 0; i < best_n[t * RH + w]; ++i)
-          cand.emplace_back(best_val[(t * RH + w) * k + i], best_idx[(t * RH + w) * k + i]);
+        for (int64_t i = 0; i < best_n[t * SH + sw]; ++i)
+          cand.emplace_back(best_val[(t * SH + sw) * k + i], best_idx[(t * SH + sw) * k + i]);
       TORCH_CHECK(static_cast<int64_t>(cand.size()) >= k, "middle_topk: fewer than k candidates");
       std::partial_sort(cand.begin(), cand.begin() + k, cand.end(), [](const auto& a, const auto& b) {
         return a.first > b.first || (a.first == b.first && a.second < b.second);
