@@ -140,3 +140,22 @@ def test_plot_passkey_merges_runs_by_length(tmp_path):
     (tmp_path / "empty" / "quality.json").write_text(json.dumps({"passkey_samples": 1, "settings": {}}))
     with pytest.raises(SystemExit, match="no passkey results"):
         main([str(tmp_path / "empty"), "--out", str(tmp_path / "q.png")])
+
+
+def test_decode_kernels_ab_runs_and_finds_the_revisions_identical():
+    """The kernel A/B harness builds the C++ source of two revisions under their own names
+    and compares them bit for bit (HEAD against itself: identical)."""
+    import os
+
+    from lminf_kernels import absolute_cpp
+
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    if not absolute_cpp._library_loaded():
+        pytest.skip("C++ kernel unavailable")
+    env = with_harness_path(dict(os.environ, **TEST_ENV))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_kernels_ab.py"), "HEAD", "HEAD",
+                           "--rounds", "1", "--layers", "2", "--seq-len", "12000"],
+                          env=env, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("outputs bit-identical: True") == 2, proc.stdout
