@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("passkey accuracy")
     ax.set_ylim(-0.05, 1.1)
-    ax.legend(fontsize=8, loc="center left")
+    ax.legend(fontsize=8, loc="center right")
     ax.set_title("passkey retrieval past the window (W = d = 2K)")
     fig.tight_layout()
     a.out.parent.mkdir(parents=True, exist_ok=True)
