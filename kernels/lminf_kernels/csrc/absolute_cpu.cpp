@@ -68,6 +68,14 @@ constexpr int kMaxGroup = 8;  // rows (query x head) sharing a key in registers:
 template <int GC>
 constexpr int slices_for() { return GC <= 4 ? 4 : 2; }
 
+// Asking for the next block while this one computes: a burst of hundreds of lines stalls
+// on the fill buffers, so the lines are asked a share per step of the computing loop.
+// Step i of a loop of `steps` asks lines [i * per, (i + 1) * per) of pf's `lines`.
+inline int64_t lines_per_step(int64_t lines, int64_t steps) { return (lines + steps - 1) / std::max<int64_t>(steps, 1); }
+inline void prefetch_step(const char* pf, int64_t lines, int64_t per, int64_t i) {
+  for (int64_t l = i * per, e = std::min(lines, l + per); l < e; ++l) __builtin_prefetch(pf + 64 * l, 0, 3);
+}
+
 // The register tile both products use: out[g * out_stride + 16 j .. + 16] (=, or += when ADD)
 // sum_{r < R} a[g * a_stride + r] * b[r * b_stride + 16 j .. + 16], for GC rows g and
 // slices_for<GC>() 16-lane slices j (mask m[j] selects the valid lanes of slice j). Rank-1
@@ -77,7 +85,7 @@ constexpr int slices_for() { return GC <= 4 ? 4 : 2; }
 template <int GC, bool ADD, bool PF, typename T>
 inline void product_tile(int R, const float* a, int a_stride, const T* b, int64_t b_stride, const __mmask16* m,
                          float* out, int out_stride, const char* pf, int64_t pf_lines) {
-  const int64_t lines_per_r = (pf_lines + R - 1) / std::max(R, 1);
+  const int64_t per_r = lines_per_step(pf_lines, R);
   constexpr int NS = slices_for<GC>();
   __m512 acc[GC][NS];
 #pragma GCC unroll 16
@@ -85,9 +93,7 @@ inline void product_tile(int R, const float* a, int a_stride, const T* b, int64_
 #pragma GCC unroll 4
     for (int j = 0; j < NS; ++j) acc[g][j] = _mm512_setzero_ps();
   for (int r = 0; r < R; ++r) {
-    if (PF)  // a share of the next block per step: spread, the fill buffers never pile up
-      for (int64_t l = r * lines_per_r, e = std::min(pf_lines, l + lines_per_r); l < e; ++l)
-        __builtin_prefetch(pf + 64 * l, 0, 3);
+    if (PF) prefetch_step(pf, pf_lines, per_r, r);
     __m512 x[NS];
 #pragma GCC unroll 4
     for (int j = 0; j < NS; ++j) x[j] = load16(b + r * b_stride + 16 * j, m[j]);
@@ -150,19 +156,26 @@ inline int64_t tile_count(int group, int lanes) {
   return n;
 }
 
+// product_tile as tile t of a product whose tiles each ask `share` of pf's `lines` (no pf: none).
+template <int GC, bool ADD, typename T>
+inline void product_tile_asking(int R, const float* a, int a_stride, const T* b, int64_t b_stride, const __mmask16* m,
+                                float* out, int out_stride, const char* pf, int64_t lines, int64_t share, int64_t t) {
+  if (pf == nullptr) return product_tile<GC, ADD, false, T>(R, a, a_stride, b, b_stride, m, out, out_stride, nullptr, 0);
+  const int64_t lo = std::min(lines, t * share);
+  product_tile<GC, ADD, true, T>(R, a, a_stride, b, b_stride, m, out, out_stride, pf + 64 * lo,
+                                 std::min(lines, lo + share) - lo);
+}
+
 // s[g*B + i] = sum_d q[g*D + d] * K[d*B + i] for i < n, g < group (K dim-major).
 // pf: pf_lines cache lines to ask for while this computes (the next block), spread over the tiles.
 template <typename T>
 inline void block_scores(int group, int D, int B, int n, const float* q, const T* kd, float* s,
                          const char* pf = nullptr, int64_t pf_lines = 0) {
-  const int64_t share = pf == nullptr ? 0 : (pf_lines + tile_count(group, n) - 1) / tile_count(group, n);
+  const int64_t share = pf == nullptr ? 0 : lines_per_step(pf_lines, tile_count(group, n));
   int64_t t = 0;
   for_each_tile(group, n, [&](auto gc, int g0, int i0, const __mmask16* m) {
-    const int64_t lo = std::min(pf_lines, t++ * share), k = std::min(pf_lines, lo + share) - lo;
-    if (pf != nullptr)
-      product_tile<decltype(gc)::value, false, true, T>(D, q + g0 * D, D, kd + i0, B, m, s + g0 * B + i0, B, pf + 64 * lo, k);
-    else
-      product_tile<decltype(gc)::value, false, false, T>(D, q + g0 * D, D, kd + i0, B, m, s + g0 * B + i0, B, nullptr, 0);
+    product_tile_asking<decltype(gc)::value, false, T>(D, q + g0 * D, D, kd + i0, B, m, s + g0 * B + i0, B, pf,
+                                                      pf_lines, share, t++);
   });
 }
 
@@ -170,14 +183,11 @@ inline void block_scores(int group, int D, int B, int n, const float* q, const T
 template <typename T>
 inline void block_values(int group, int D, int B, int n, const float* p, const T* v, float* acc,
                          const char* pf = nullptr, int64_t pf_lines = 0) {
-  const int64_t share = pf == nullptr ? 0 : (pf_lines + tile_count(group, D) - 1) / tile_count(group, D);
+  const int64_t share = pf == nullptr ? 0 : lines_per_step(pf_lines, tile_count(group, D));
   int64_t t = 0;
   for_each_tile(group, D, [&](auto gc, int g0, int d0, const __mmask16* m) {
-    const int64_t lo = std::min(pf_lines, t++ * share), k = std::min(pf_lines, lo + share) - lo;
-    if (pf != nullptr)
-      product_tile<decltype(gc)::value, true, true, T>(n, p + g0 * B, B, v + d0, D, m, acc + g0 * D + d0, D, pf + 64 * lo, k);
-    else
-      product_tile<decltype(gc)::value, true, false, T>(n, p + g0 * B, B, v + d0, D, m, acc + g0 * D + d0, D, nullptr, 0);
+    product_tile_asking<decltype(gc)::value, true, T>(n, p + g0 * B, B, v + d0, D, m, acc + g0 * D + d0, D, pf,
+                                                     pf_lines, share, t++);
   });
 }
 #else
@@ -291,8 +301,6 @@ inline void prefetch_bytes(const void* p, int64_t lo, int64_t hi) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = lo; off < hi; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
-template <typename T>
-inline void prefetch_block(const T* p, int64_t elems) { prefetch_bytes(p, 0, elems * static_cast<int64_t>(sizeof(T))); }
 
 struct Tile {
   int64_t first;  // first query row
@@ -415,7 +423,7 @@ void rows_impl(const at::Tensor& q_loc, const at::Tensor& glob_cos, const at::Te
                                       : nullptr;
         const int64_t half_lines = B * D * static_cast<int64_t>(sizeof(T)) / 64;
         // a band of several tiles (prefill) computes long enough per block for one burst
-        if (bd.count > 1 && next != nullptr) prefetch_block(cache + trow[b + 1] * blk_stride + h * head_stride, 2 * B * D);
+        if (bd.count > 1 && next != nullptr) prefetch_bytes(next, 0, 2 * half_lines * 64);
         for (int64_t i = 0; i < bd.count; ++i) {
           const Tile& tl = tiles[bd.first + i];
           const int64_t nr = tl.count * group;
@@ -760,7 +768,7 @@ inline void rotated_scores_tile(const MiddleRotation& rot, const float* u, const
   // the pair's second channel: NEOX i + half, else 2i + 1; consecutive pairs 1 or 2 rows apart
   const int64_t row_step = NEOX ? B : 2 * B, gap = NEOX ? half * B : B;
   const int64_t u_step = NEOX ? 1 : 2, u_gap = NEOX ? half : 1;
-  const int64_t lines_per_pair = (pf_lines + half - 1) / std::max<int64_t>(half, 1);
+  const int64_t per_pair = lines_per_step(pf_lines, half);
   __m512 acc[GC][NS];
 #pragma GCC unroll 8
   for (int g = 0; g < GC; ++g)
@@ -769,9 +777,7 @@ inline void rotated_scores_tile(const MiddleRotation& rot, const float* u, const
   const K* k1 = keys + x0;
   const float *co_p = rot.off_cos + x0, *si_p = rot.off_sin + x0, *up = u;
   for (int64_t i = 0; i < half; ++i, k1 += row_step, co_p += B, si_p += B, up += u_step) {
-    if (pf != nullptr)  // a share of the next block per pair: spread, the fill buffers never pile up
-      for (int64_t l = i * lines_per_pair, e = std::min(pf_lines, l + lines_per_pair); l < e; ++l)
-        __builtin_prefetch(pf + 64 * l, 0, 3);
+    if (pf != nullptr) prefetch_step(pf, pf_lines, per_pair, i);
     __m512 xr[NS], yr[NS];
 #pragma GCC unroll 4
     for (int j = 0; j < NS; ++j) {
@@ -808,7 +814,7 @@ inline void rotated_scores_rows(const MiddleRotation& rot, const float* u, const
   constexpr int NS = rotated_slices<GC>();
   __mmask16 m[NS];
   const int64_t lines = rot.D * rot.B * static_cast<int64_t>(sizeof(K)) / 64, tiles = (s1 + 16 * NS - 1) / (16 * NS);
-  const int64_t share = (lines + tiles - 1) / tiles;
+  const int64_t share = lines_per_step(lines, tiles);
   const char* pf = reinterpret_cast<const char*>(next);
   for (int64_t x0 = 0, t = 0; x0 < s1; x0 += 16 * NS, ++t) {
     slice_masks(static_cast<int>(x0), static_cast<int>(s1), NS, m);
