@@ -206,21 +206,31 @@ class QueryPlan:
         return cls(token_index, rows, lo, pos, n_glob, c.contiguous(), s.contiguous(), chunk, leading)
 
 
+def kernel_results(query, kv_cache, block_table, plan: QueryPlan, *, style,
+                   scale) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The planned query rows through the C++ kernel: (result [S, Hq, D], log-sum-exp
+    [S, Hq]), float32, row r answering query row plan.token_index[r]. None if the kernel
+    is unavailable."""
+    op = lambda_op()
+    if op is None:
+        return None
+    every_row = plan.leading and plan.token_index.shape[0] == query.shape[0]
+    q = (query if every_row else query.index_select(0, plan.token_index)).to(torch.float32).contiguous()
+    return op(q, plan.glob_cos, plan.glob_sin, kv_cache, block_table, plan.rows, plan.lo, plan.pos, plan.n_glob,
+              scale, style.rotary_dim, style.neox, plan.chunk_tokens, QUERY_TILE)
+
+
 def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, out,
                 lse: torch.Tensor | None = None) -> bool:
     """The planned query rows through the C++ kernel (their log-sum-exp into `lse` [T, Hq]
     when given). Returns False if the kernel is unavailable (nothing written)."""
-    op = lambda_op()
-    if op is None:
+    if plan.token_index.shape[0] == 0:
+        return lambda_op() is not None
+    got = kernel_results(query, kv_cache, block_table, plan, style=style, scale=scale)
+    if got is None:
         return False
-    n = plan.token_index.shape[0]
-    if n == 0:
-        return True
-    every_row = plan.leading and n == query.shape[0]
-    q = (query if every_row else query.index_select(0, plan.token_index)).to(torch.float32).contiguous()
-    res, res_lse = op(q, plan.glob_cos, plan.glob_sin, kv_cache, block_table, plan.rows, plan.lo, plan.pos,
-                      plan.n_glob, scale, style.rotary_dim, style.neox, plan.chunk_tokens, QUERY_TILE)
-    if every_row:
+    res, res_lse = got
+    if plan.leading and plan.token_index.shape[0] == query.shape[0]:
         out.copy_(res)
         if lse is not None:
             lse.copy_(res_lse)
@@ -234,19 +244,19 @@ def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, 
 @dataclass
 class _MiddleInputs:
     """What the C++ middle ops need of one sequence's rows in a step besides the layer's
-    query and cache: the same for every layer, so built once per step (`TopKRows.memo`)."""
+    query, cache and block-table row: the same for every layer, so built once per step
+    (`TopKRows.memo`, which the step's KV-cache groups share)."""
 
     per_row: torch.Tensor  # exact: middle key count per row (0: no top-k); blocks: last middle position (-1)
     keys_max: int
     tables: tuple[torch.Tensor, ...]  # `_BLOCK_ROTATION` for the rows' middle
-    block_row: torch.Tensor  # int64, contiguous
     freq: torch.Tensor  # contiguous float32 [R/2]
 
 
-def _middle_inputs(row, first_pos: int, tq: int, bs: int, top_k: TopKRows, seq: int, pattern: LambdaPattern,
+def _middle_inputs(first_pos: int, tq: int, bs: int, top_k: TopKRows, seq: int, pattern: LambdaPattern,
                    inv_freq: torch.Tensor) -> _MiddleInputs:
-    # keyed by the tensors' addresses: the memo holds them, so no other tensor can take them
-    key = (seq, first_pos, tq, bs, row.data_ptr(), inv_freq.data_ptr(), inv_freq.stride(0))
+    # inv_freq keyed by address: the memo holds it, so no other tensor can take its place
+    key = (seq, first_pos, tq, bs, pattern, inv_freq.data_ptr(), inv_freq.stride(0))
     hit = top_k.memo.get(key)
     if hit is not None:
         return hit[0]
@@ -259,8 +269,8 @@ def _middle_inputs(row, first_pos: int, tq: int, bs: int, top_k: TopKRows, seq: 
         per_row = torch.where((pos >= top_k.first_pos[seq]) & (per_row >= top_k.k), per_row, torch.zeros_like(per_row))
         keys_max = int(per_row.max())
     tables = _BLOCK_ROTATION.get((pattern.n_global + max(keys_max, 1) - 1) // bs + 1, bs, inv_freq)
-    inputs = _MiddleInputs(per_row, keys_max, tables, row.long().contiguous(), inv_freq.contiguous())
-    top_k.memo[key] = (inputs, row, inv_freq)
+    inputs = _MiddleInputs(per_row, keys_max, tables, inv_freq.contiguous())
+    top_k.memo[key] = (inputs, inv_freq)
     return inputs
 
 
@@ -268,20 +278,24 @@ def _kernel_merge(query, kv_cache, row, first_pos: int, top_k: TopKRows, seq: in
                   style: RopeStyle, inv_freq, scale: float, out, lse, block_summary) -> bool:
     """The middle partial of one sequence's rows (queries at absolute positions from
     first_pos) merged into their Λ result (out, lse) in place by the C++ ops, as the torch
-    code below computes it. False (nothing written) when the ops are unavailable."""
+    code below computes it. row: the sequence's block-table row (int32 or int64). False
+    (nothing written) when the ops are unavailable."""
     op = middle_blocks_op() if top_k.blocks else middle_topk_op()
     if op is None or not (out.is_contiguous() and lse.is_contiguous()):
         return False
     tq, hq = query.shape[:2]
-    m = _middle_inputs(row, first_pos, tq, kv_cache.shape[2], top_k, seq, pattern, inv_freq)
+    m = _middle_inputs(first_pos, tq, kv_cache.shape[2], top_k, seq, pattern, inv_freq)
     rest = (style.rotary_dim, style.neox, m.freq, top_k.distance)
     if top_k.blocks:
-        op(query, kv_cache, m.block_row, m.per_row, pattern.n_global, block_summary, *m.tables, top_k.k, scale, *rest,
+        op(query, kv_cache, row, m.per_row, pattern.n_global, block_summary, *m.tables, top_k.k, scale, *rest,
            first_pos, out, lse)
         return True
     step = max(1, MAX_SCORE_ELEMENTS // max(1, hq * m.keys_max))  # bounds the op's logit buffer
+    if step >= tq:  # one call (decode): no slicing
+        op(query, kv_cache, row, m.per_row, pattern.n_global, *m.tables, top_k.k, scale, *rest, first_pos, out, lse)
+        return True
     for a in range(0, tq, step):
-        op(query[a:a + step], kv_cache, m.block_row, m.per_row[a:a + step], pattern.n_global, *m.tables, top_k.k,
+        op(query[a:a + step], kv_cache, row, m.per_row[a:a + step], pattern.n_global, *m.tables, top_k.k,
            scale, *rest, first_pos + a, out[a:a + step], lse[a:a + step])
     return True
 
@@ -291,7 +305,8 @@ def _merge_middle(query, kv_cache, row, first_pos, pattern, style, inv_freq, sca
     """Top-k rows of one sequence whose Λ result (out [T, Hq, D], lse [T, Hq]) is computed:
     their middle partial softmax merged in (the C++ ops when available, else torch)."""
     skip = max(0, top_k.first_pos[seq] - first_pos)  # rows before the rule's first position stay Λ
-    query, out, lse, first_pos = query[skip:], out[skip:], lse[skip:], first_pos + skip
+    if skip:
+        query, out, lse, first_pos = query[skip:], out[skip:], lse[skip:], first_pos + skip
     if use_extension and _kernel_merge(query, kv_cache, row, first_pos, top_k, seq, pattern, style, inv_freq, scale,
                                        out, lse, block_summary):
         return
@@ -340,23 +355,39 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
     todo = range(len(seq_lens)) if sequences is None else sequences
     todo = [i for i in todo if query_start_loc[i + 1] > query_start_loc[i]]
     with_top_k = [i for i in todo if top_k is not None and top_k.uses(i, seq_lens[i] - 1, pattern)]
-    lse = query.new_empty(query.shape[:2], dtype=torch.float32) if with_top_k else None
-    on_kernel = False
+    # acc: the Λ result; with top-k it stays float32 with its log-sum-exp (lse) until the
+    # middle partials are merged in, then is rounded to out's dtype once
+    acc, lse, on_kernel = out, None, False
     if todo and use_extension:
         if plan is None:
             plan = QueryPlan.build(todo, query_start_loc, seq_lens, pattern, inv_freq)
         if block_table.dtype != torch.int32:
             block_table = block_table.to(torch.int32)
-        on_kernel = kernel_rows(query, kv_cache, block_table, plan, style=style, scale=scale, out=out, lse=lse)
+        if with_top_k and plan.leading and plan.token_index.shape[0] == query.shape[0]:
+            got = kernel_results(query, kv_cache, block_table, plan, style=style, scale=scale)
+            if got is not None:  # every row planned (decode): the kernel's own outputs are acc and lse
+                (acc, lse), on_kernel = got, True
+    if with_top_k and lse is None:
+        lse = query.new_empty(query.shape[:2], dtype=torch.float32)
+        if out.dtype != torch.float32:
+            acc = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    if todo and use_extension and not on_kernel:
+        on_kernel = kernel_rows(query, kv_cache, block_table, plan, style=style, scale=scale, out=acc, lse=lse)
     for i in todo:
         a, b = query_start_loc[i], query_start_loc[i + 1]
         freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
         if not on_kernel:
             _torch_rows(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq, scale,
-                        out[a:b], query_tile, None if lse is None else lse[a:b])
+                        acc[a:b], query_tile, None if lse is None else lse[a:b])
         if i in with_top_k:
             _merge_middle(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq,
-                          scale, out[a:b], lse[a:b], top_k, i, block_summary, use_extension)
+                          scale, acc[a:b], lse[a:b], top_k, i, block_summary, use_extension)
+    if acc is not out:
+        if sum(query_start_loc[i + 1] - query_start_loc[i] for i in todo) == query.shape[0]:
+            out.copy_(acc)
+        else:  # rows of other sequences stay untouched
+            for i in todo:
+                out[query_start_loc[i]:query_start_loc[i + 1]] = acc[query_start_loc[i]:query_start_loc[i + 1]]
     return out
 
 

@@ -40,8 +40,8 @@ from .. import vllm_compat
 from ..clex import clex_log_scale_tensor, clex_scale_index_tensor
 from lminf_kernels.topk import TopKRows
 
-from .common import (BlockSummaries, LambdaBackend, StepBatch, group_top_k, no_work, refuse_unsupported,
-                     step_top_k)
+from .common import (STEP_SHARE, BlockSummaries, LambdaBackend, StepBatch, group_top_k, no_work,
+                     refuse_unsupported, step_top_k, top_k_first_positions)
 
 from . import ABSOLUTE as NAME
 from . import ABSOLUTE_CLEX as CLEX_NAME
@@ -133,7 +133,11 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
         if any(i.pattern != impl.pattern or i.clex is not impl.clex or not torch.equal(i.inv_freq, impl.inv_freq)
                for i in impls.values()):
             raise ValueError("vllm-lminf: all layers of one KV-cache group must share one Λ pattern and RoPE")
-        self.pattern, self.inv_freq, self.clex = impl.pattern, impl.inv_freq, impl.clex
+        self.pattern, self.clex = impl.pattern, impl.clex
+        # one tensor for every group's builder: the top-k memo knows it by its address
+        freq = impl.inv_freq.to(torch.float32)
+        self._freq_key = tuple(freq.tolist())
+        self.inv_freq = STEP_SHARE.get(("inv_freq", self._freq_key), lambda: freq)
         self.top_k = group_top_k(impls.values(), kv_cache_spec.block_size, impl.pattern.n_local)
         beyond_possible = impl.pattern.n_local < vllm_config.model_config.max_model_len
         vllm_compat.force_cpu_attention_isa(self, cache_isa(vllm_compat.cpu_attention_isa(self),
@@ -146,12 +150,18 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
         m = common_attn_metadata
         batch = StepBatch.of(m)
         if self.clex is None:
-            top_k = step_top_k(self.top_k, m.num_reqs, None, batch, self.kv_cache_spec.block_size)
-            return AbsoluteMetadata(batch.num_actual_tokens, [self._wave(m, batch, None, self.inv_freq, top_k)])
+            top_k = None
+            if self.top_k is not None:
+                first = top_k_first_positions(self.top_k, m.num_reqs)
+                memo = STEP_SHARE.get(("top_k memo", self.top_k, self.pattern, tuple(first),
+                                       tuple(batch.query_start_loc), tuple(batch.seq_lens)), dict)
+                top_k = step_top_k(self.top_k, first, batch, self.kv_cache_spec.block_size, memo)
+            return AbsoluteMetadata(batch.num_actual_tokens,
+                                    [self._wave(m, batch, None, self.inv_freq, top_k, shared_plan=True)])
         return AbsoluteMetadata(batch.num_actual_tokens, self._clex_waves(m, batch))
 
     def _wave(self, m: CommonAttentionMetadata, batch: StepBatch, rows: torch.Tensor | None,
-              inv_freq: torch.Tensor, top_k: TopKRows | None) -> Wave:
+              inv_freq: torch.Tensor, top_k: TopKRows | None, shared_plan: bool = False) -> Wave:
         # A sequence no longer than the window has no global branch and a window that
         # covers everything: plain causal attention, vLLM's kernel.
         inside = [i for i, s in enumerate(batch.seq_lens) if s <= self.pattern.n_local]
@@ -163,8 +173,13 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
             else:
                 sub, inside_rows = _subset(m, batch, inside)
                 vllm_md = super().build(0, sub)
-        plan = QueryPlan.build(beyond, batch.query_start_loc, batch.seq_lens, self.pattern, inv_freq) \
-            if beyond else None
+        plan = None
+        if beyond:
+            def make():
+                return QueryPlan.build(beyond, batch.query_start_loc, batch.seq_lens, self.pattern, inv_freq)
+            # shared_plan: inv_freq is the model's (not a CLEX wave's), so the batch decides the plan
+            plan = STEP_SHARE.get(("plan", tuple(beyond), tuple(batch.query_start_loc), tuple(batch.seq_lens),
+                                   self.pattern, self._freq_key), make) if shared_plan else make()
         return Wave(rows, batch, inv_freq, vllm_md, inside_rows, beyond, plan, top_k)
 
     def _clex_waves(self, m: CommonAttentionMetadata, batch: StepBatch) -> list[Wave]:
@@ -210,7 +225,8 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
             freqs = table[clex_scale_index_tensor(lengths_t, clex.original_len, clex.cfg.max_factor) - 1]
             # one run per sequence and no padding rows: the wave is the step itself, as vLLM described it
             every_row = w == 0 and all(len(r) == 1 for r in runs) and len(row_index) == batch.num_actual_tokens
-            top_k = step_top_k(self.top_k, m.num_reqs, owners, sub, self.kv_cache_spec.block_size)
+            top_k = None if self.top_k is None else step_top_k(
+                self.top_k, top_k_first_positions(self.top_k, m.num_reqs, owners), sub, self.kv_cache_spec.block_size)
             if every_row:
                 wave = self._wave(m, batch, None, freqs, top_k)
             else:

@@ -68,25 +68,54 @@ class BlockSummaries:
         return self.tensor
 
 
-def step_top_k(top_k: TopKConfig | None, num_reqs: int, owners: list[int] | None = None,
-               batch: StepBatch | None = None, block_size: int = 0) -> TopKRows | None:
-    """The step's top-k rule: per kernel sequence (request row, or with CLEX the request
-    row `owners[i]` of run i), the first position whose row uses top-k. "last": the last
-    prompt row and every generated row (P - 1 on, P the original prompt length, also when
-    a preempted request recomputes); "all": every row. Block mode also lists the blocks
-    the step fills (`batch`: the kernels' sequences)."""
-    if top_k is None:
-        return None
+def top_k_first_positions(top_k: TopKConfig, num_reqs: int, owners: list[int] | None = None) -> list[int]:
+    """Per kernel sequence (request row, or with CLEX the request row `owners[i]` of run
+    i), the first position whose row uses top-k. "last": the last prompt row and every
+    generated row (P - 1 on, P the original prompt length, also when a preempted request
+    recomputes); "all": every row."""
     count = num_reqs if owners is None else len(owners)
     if top_k.rows == "all":
-        first = [0] * count
-    else:
-        prompts = vllm_compat.prompt_lengths(num_reqs)
-        first = [p - 1 for p in (prompts if owners is None else [prompts[o] for o in owners])]
+        return [0] * count
+    prompts = vllm_compat.prompt_lengths(num_reqs)
+    return [p - 1 for p in (prompts if owners is None else [prompts[o] for o in owners])]
+
+
+def step_top_k(top_k: TopKConfig | None, first: list[int], batch: StepBatch | None = None, block_size: int = 0,
+               memo: dict | None = None) -> TopKRows | None:
+    """The step's top-k rule (`first`: `top_k_first_positions`). Block mode also lists the
+    blocks the step fills (`batch`: the kernels' sequences). memo: the per-sequence middle
+    inputs, shared by the step's KV-cache groups (`StepShare`); None: the rule's own."""
+    if top_k is None:
+        return None
+    memo = {} if memo is None else memo
     if not top_k.blocks:
-        return TopKRows(top_k.k, top_k.distance, first)
+        return TopKRows(top_k.k, top_k.distance, first, memo=memo)
     filled = filled_blocks(batch.block_table, batch.query_start_loc, batch.seq_lens, block_size)
-    return TopKRows(top_k.k, top_k.distance, first, blocks=True, block_size=block_size, filled=filled)
+    return TopKRows(top_k.k, top_k.distance, first, blocks=True, block_size=block_size, filled=filled, memo=memo)
+
+
+class StepShare:
+    """vLLM builds attention metadata once per KV-cache group, and a top-k model has several
+    groups (its top-k layers and its evicting layers, cut into groups of equal size): what
+    only the step's batch decides (the kernel's `QueryPlan`, the top-k rule's memo of
+    per-sequence middle inputs, the RoPE frequencies) is made by the first builder that
+    needs it and reused by the others. Keys are contents, never addresses, so an entry
+    serves whichever step has those contents; the last few are kept."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self._entries: dict = {}
+
+    def get(self, key, make):
+        hit = self._entries.get(key)
+        if hit is None:
+            hit = self._entries[key] = make()
+            while len(self._entries) > self.keep:
+                del self._entries[next(iter(self._entries))]  # the oldest (dicts keep insertion order)
+        return hit
+
+
+STEP_SHARE = StepShare()
 
 
 def refuse_unsupported(alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None,
