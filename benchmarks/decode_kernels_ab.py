@@ -5,8 +5,9 @@ compared bit for bit (a speed change must not change results).
 
 Shapes: SmolLM2-135M (9 q / 3 kv heads, head 64, bf16 cache, block 128), W = 8K, G = 10,
 one decode row at 32K; every call cycles through 30 layers' caches (cold, as in a real step).
-Rows: the Λ kernel (`lambda_rows`) and exact top-k's middle op (`middle_topk_merge`, k 5,
-distance 4K, through the fast path's `_kernel_merge`); ms per layer, median (min, max).
+Rows: the Λ kernel (`lambda_rows`), exact top-k's middle op (`middle_topk_merge`, k 5,
+distance 4K) and block mode's (`middle_blocks_merge`, 4 blocks), both through the fast
+path's `_kernel_merge`; ms per layer, median (min, max).
 
     python benchmarks/decode_kernels_ab.py c1ced5f HEAD [--rounds 11]
 
@@ -30,7 +31,7 @@ import lminf_kernels.absolute_cpu as absolute_cpu
 from lminf_kernels.absolute_cpu import QueryPlan
 from lminf_kernels.pattern import LambdaPattern
 from lminf_kernels.rope import RopeStyle
-from lminf_kernels.topk import TopKRows
+from lminf_kernels.topk import TopKRows, summarize_blocks
 
 SOURCE = "kernels/lminf_kernels/csrc/absolute_cpu.cpp"
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,28 +71,35 @@ def main(argv=None) -> int:
     q = torch.randn(1, hq, dh)
     plan = QueryPlan.build([0], [0, 1], [a.seq_len], pattern, inv)
     top_k = TopKRows(k=5, distance=w // 2, first_pos=[0])
+    blocks = TopKRows(k=4, distance=w // 2, first_pos=[0], blocks=True, block_size=bs)
+    summaries = {id(c): summarize_blocks(absolute_cpu.absolute_views(c)[0].float()) for c in caches}
+    row = table[0].long()  # int64: what every revision's middle ops accept
 
     def lam(ns):
         op = getattr(torch.ops, ns).lambda_rows
         return lambda c: op(q, plan.glob_cos, plan.glob_sin, c, table, plan.rows, plan.lo, plan.pos, plan.n_glob,
                             scale, style.rotary_dim, style.neox, plan.chunk_tokens, 16)
 
-    def mid(ns):
-        op = getattr(torch.ops, ns).middle_topk_merge
+    def middle(ns, rule):
+        name = "middle_blocks_merge" if rule.blocks else "middle_topk_merge"
+        op = getattr(getattr(torch.ops, ns), name)
+        attr = "middle_blocks_op" if rule.blocks else "middle_topk_op"
 
         def run(c):
             out, lse = torch.zeros(1, hq, dh), torch.full((1, hq), float("-inf"))
-            original = absolute_cpu.middle_topk_op
-            absolute_cpu.middle_topk_op = lambda: op
+            original = getattr(absolute_cpu, attr)
+            setattr(absolute_cpu, attr, lambda: op)
             try:
-                absolute_cpu._kernel_merge(q, c, table[0], a.seq_len - 1, top_k, 0, pattern, style, inv, scale, out,
-                                           lse, None)
+                absolute_cpu._kernel_merge(q, c, row, a.seq_len - 1, rule, 0, pattern, style, inv, scale, out,
+                                           lse, summaries[id(c)])
             finally:
-                absolute_cpu.middle_topk_op = original
+                setattr(absolute_cpu, attr, original)
             return out
         return run
 
-    kinds = {"Λ kernel (lambda_rows)": lam, "exact top-k middle op": mid}
+    kinds = {"Λ kernel (lambda_rows)": lam,
+             "exact top-k middle op": lambda ns: middle(ns, top_k),
+             "block mode middle op": lambda ns: middle(ns, blocks)}
     for kind, make in kinds.items():
         fns = {rev: make(ns) for rev, ns in names.items()}
         times = {rev: [] for rev in fns}
