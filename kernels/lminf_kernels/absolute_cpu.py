@@ -373,17 +373,21 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
             acc = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     if todo and use_extension and not on_kernel:
         on_kernel = kernel_rows(query, kv_cache, block_table, plan, style=style, scale=scale, out=acc, lse=lse)
+    n_rows = query.shape[0]
     for i in todo:
         a, b = query_start_loc[i], query_start_loc[i + 1]
         freq = inv_freq if inv_freq.dim() == 1 else inv_freq[i]
+        whole = a == 0 and b == n_rows  # one sequence (a decode step at batch 1): no slicing
+        q_i, acc_i = (query, acc) if whole else (query[a:b], acc[a:b])
+        lse_i = lse if whole or lse is None else lse[a:b]
         if not on_kernel:
-            _torch_rows(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq, scale,
-                        acc[a:b], query_tile, None if lse is None else lse[a:b])
+            _torch_rows(q_i, kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq, scale, acc_i,
+                        query_tile, lse_i)
         if i in with_top_k:
-            _merge_middle(query[a:b], kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq,
-                          scale, acc[a:b], lse[a:b], top_k, i, block_summary, use_extension)
+            _merge_middle(q_i, kv_cache, block_table[i], seq_lens[i] - (b - a), pattern, style, freq, scale, acc_i,
+                          lse_i, top_k, i, block_summary, use_extension)
     if acc is not out:
-        if sum(query_start_loc[i + 1] - query_start_loc[i] for i in todo) == query.shape[0]:
+        if sum(query_start_loc[i + 1] - query_start_loc[i] for i in todo) == n_rows:
             out.copy_(acc)
         else:  # rows of other sequences stay untouched
             for i in todo:
