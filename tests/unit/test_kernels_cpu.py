@@ -258,3 +258,53 @@ def test_exact_top_k_ties_go_to_the_earliest_middle_keys(rows, threads, seed):
     want = first.repeat_interleave(hq // hkv, 0).expand(rows, hq, dh)
     # Λ's part is absent (lse -inf), so the merged rows are the middle partial itself
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["exact", "blocks"])
+def test_middle_inputs_made_by_one_kv_group_serve_another(blocks):
+    """vLLM gives each KV-cache group its own block table, and the step's middle inputs are
+    made once and shared by the groups (`TopKRows.memo`): a second group, whose cache holds
+    the same keys in other physical blocks, must get the same result from a memo hit (a memo
+    that kept the first group's block row would read the wrong blocks), and its own result
+    when its keys differ. Seed 3."""
+    if not absolute_cpp._library_loaded():
+        pytest.skip("C++ kernel unavailable")
+    from lminf_kernels.topk import TopKRows
+
+    torch.manual_seed(3)
+    hq, hkv, dh, bs, seq_len = 6, 2, 64, 64, 1000
+    pattern = LambdaPattern(4, 128, 128)
+    style, inv = RopeStyle(dh, True), make_inv_freq(dh)
+    n_blocks = -(-seq_len // bs)
+    keys = torch.randn(seq_len, hkv, dh).to(torch.bfloat16)
+    values = torch.randn(seq_len, hkv, dh).to(torch.bfloat16)
+
+    def group(keys):
+        cache = torch.zeros(n_blocks + 3, hkv, bs, 2 * dh, dtype=torch.bfloat16)
+        table = torch.randperm(n_blocks + 3)[:n_blocks].to(torch.int32)
+        slots = table.long()[torch.arange(seq_len) // bs] * bs + torch.arange(seq_len) % bs
+        store_kv(absolute_views(cache), slots, keys, values)
+        summary = torch.zeros(n_blocks + 3, hkv, 2, dh)
+        full = seq_len // bs
+        absolute_cpu.update_block_summaries(cache, summary, (table[:full].long(), torch.arange(full) * bs,
+                                                             torch.zeros(full, dtype=torch.long)), style, inv)
+        return cache, table, summary
+
+    rule = TopKRows(2 if blocks else 5, 64, [0], blocks=blocks, block_size=bs if blocks else 0)
+    query = torch.randn(1, hq, dh)
+
+    def merged(cache, table, summary):
+        out, lse = torch.zeros(1, hq, dh), torch.full((1, hq), float("-inf"))
+        assert absolute_cpu._kernel_merge(query, cache, table, seq_len - 1, rule, 0, pattern, style, inv,
+                                          dh**-0.5, out, lse, summary)
+        return out, lse
+
+    first = merged(*group(keys))
+    second = merged(*group(keys))
+    assert len(rule.memo) == 1  # the second group's call was a memo hit
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert first[0].abs().amin(dim=-1).gt(0).all()  # every head's middle was merged (Λ's part left out)
+    other = keys.clone()
+    other[pattern.n_global:seq_len - pattern.n_local] = torch.randn(seq_len - pattern.n_local - pattern.n_global, hkv,
+                                                                     dh).to(torch.bfloat16)
+    assert not torch.equal(merged(*group(other))[0], first[0])  # a hit still reads this group's blocks
