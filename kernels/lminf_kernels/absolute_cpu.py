@@ -205,6 +205,11 @@ class QueryPlan:
         leading = torch.equal(token_index, torch.arange(len(token_index)))
         return cls(token_index, rows, lo, pos, n_glob, c.contiguous(), s.contiguous(), chunk, leading)
 
+    def covers(self, n_rows: int) -> bool:
+        """Whether the plan's rows are all n_rows query rows, in order (the kernel's output
+        rows are then the query's)."""
+        return self.leading and self.token_index.shape[0] == n_rows
+
 
 def kernel_results(query, kv_cache, block_table, plan: QueryPlan, *, style,
                    scale) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -214,8 +219,8 @@ def kernel_results(query, kv_cache, block_table, plan: QueryPlan, *, style,
     op = lambda_op()
     if op is None:
         return None
-    every_row = plan.leading and plan.token_index.shape[0] == query.shape[0]
-    q = (query if every_row else query.index_select(0, plan.token_index)).to(torch.float32).contiguous()
+    q = (query if plan.covers(query.shape[0]) else query.index_select(0, plan.token_index)).to(torch.float32)
+    q = q.contiguous()
     return op(q, plan.glob_cos, plan.glob_sin, kv_cache, block_table, plan.rows, plan.lo, plan.pos, plan.n_glob,
               scale, style.rotary_dim, style.neox, plan.chunk_tokens, QUERY_TILE)
 
@@ -230,7 +235,7 @@ def kernel_rows(query, kv_cache, block_table, plan: QueryPlan, *, style, scale, 
     if got is None:
         return False
     res, res_lse = got
-    if plan.leading and plan.token_index.shape[0] == query.shape[0]:
+    if plan.covers(query.shape[0]):
         out.copy_(res)
         if lse is not None:
             lse.copy_(res_lse)
@@ -285,18 +290,16 @@ def _kernel_merge(query, kv_cache, row, first_pos: int, top_k: TopKRows, seq: in
         return False
     tq, hq = query.shape[:2]
     m = _middle_inputs(first_pos, tq, kv_cache.shape[2], top_k, seq, pattern, inv_freq)
-    rest = (style.rotary_dim, style.neox, m.freq, top_k.distance)
-    if top_k.blocks:
-        op(query, kv_cache, row, m.per_row, pattern.n_global, block_summary, *m.tables, top_k.k, scale, *rest,
-           first_pos, out, lse)
-        return True
-    step = max(1, MAX_SCORE_ELEMENTS // max(1, hq * m.keys_max))  # bounds the op's logit buffer
+    summary = (block_summary,) if top_k.blocks else ()
+    args = (*m.tables, top_k.k, scale, style.rotary_dim, style.neox, m.freq, top_k.distance)
+    # exact mode's logit buffer is bounded by chunks of rows; block mode keeps no such buffer
+    step = tq if top_k.blocks else max(1, MAX_SCORE_ELEMENTS // max(1, hq * m.keys_max))
     if step >= tq:  # one call (decode): no slicing
-        op(query, kv_cache, row, m.per_row, pattern.n_global, *m.tables, top_k.k, scale, *rest, first_pos, out, lse)
+        op(query, kv_cache, row, m.per_row, pattern.n_global, *summary, *args, first_pos, out, lse)
         return True
     for a in range(0, tq, step):
-        op(query[a:a + step], kv_cache, row, m.per_row[a:a + step], pattern.n_global, *m.tables, top_k.k,
-           scale, *rest, first_pos + a, out[a:a + step], lse[a:a + step])
+        op(query[a:a + step], kv_cache, row, m.per_row[a:a + step], pattern.n_global, *summary, *args, first_pos + a,
+           out[a:a + step], lse[a:a + step])
     return True
 
 
@@ -363,7 +366,7 @@ def lambda_attention_absolute(query: torch.Tensor, kv_cache: torch.Tensor, block
             plan = QueryPlan.build(todo, query_start_loc, seq_lens, pattern, inv_freq)
         if block_table.dtype != torch.int32:
             block_table = block_table.to(torch.int32)
-        if with_top_k and plan.leading and plan.token_index.shape[0] == query.shape[0]:
+        if with_top_k and plan.covers(query.shape[0]):
             got = kernel_results(query, kv_cache, block_table, plan, style=style, scale=scale)
             if got is not None:  # every row planned (decode): the kernel's own outputs are acc and lse
                 (acc, lse), on_kernel = got, True

@@ -41,7 +41,7 @@ from ..clex import clex_log_scale_tensor, clex_scale_index_tensor
 from lminf_kernels.topk import TopKRows
 
 from .common import (STEP_SHARE, BlockSummaries, LambdaBackend, StepBatch, group_top_k, no_work,
-                     refuse_unsupported, step_top_k, top_k_first_positions)
+                     refuse_unsupported, step_top_k)
 
 from . import ABSOLUTE as NAME
 from . import ABSOLUTE_CLEX as CLEX_NAME
@@ -150,18 +150,12 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
         m = common_attn_metadata
         batch = StepBatch.of(m)
         if self.clex is None:
-            top_k = None
-            if self.top_k is not None:
-                first = top_k_first_positions(self.top_k, m.num_reqs)
-                memo = STEP_SHARE.get(("top_k memo", self.top_k, self.pattern, tuple(first),
-                                       tuple(batch.query_start_loc), tuple(batch.seq_lens)), dict)
-                top_k = step_top_k(self.top_k, first, batch, self.kv_cache_spec.block_size, memo)
-            return AbsoluteMetadata(batch.num_actual_tokens,
-                                    [self._wave(m, batch, None, self.inv_freq, top_k, shared_plan=True)])
+            top_k = step_top_k(self.top_k, m.num_reqs, None, batch, self.kv_cache_spec.block_size, shared=True)
+            return AbsoluteMetadata(batch.num_actual_tokens, [self._wave(m, batch, None, self.inv_freq, top_k)])
         return AbsoluteMetadata(batch.num_actual_tokens, self._clex_waves(m, batch))
 
     def _wave(self, m: CommonAttentionMetadata, batch: StepBatch, rows: torch.Tensor | None,
-              inv_freq: torch.Tensor, top_k: TopKRows | None, shared_plan: bool = False) -> Wave:
+              inv_freq: torch.Tensor, top_k: TopKRows | None) -> Wave:
         # A sequence no longer than the window has no global branch and a window that
         # covers everything: plain causal attention, vLLM's kernel.
         inside = [i for i, s in enumerate(batch.seq_lens) if s <= self.pattern.n_local]
@@ -177,9 +171,9 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
         if beyond:
             def make():
                 return QueryPlan.build(beyond, batch.query_start_loc, batch.seq_lens, self.pattern, inv_freq)
-            # shared_plan: inv_freq is the model's (not a CLEX wave's), so the batch decides the plan
+            # the model's frequencies (not a CLEX wave's): the batch decides the plan, every group shares it
             plan = STEP_SHARE.get(("plan", tuple(beyond), tuple(batch.query_start_loc), tuple(batch.seq_lens),
-                                   self.pattern, self._freq_key), make) if shared_plan else make()
+                                   self.pattern, self._freq_key), make) if inv_freq is self.inv_freq else make()
         return Wave(rows, batch, inv_freq, vllm_md, inside_rows, beyond, plan, top_k)
 
     def _clex_waves(self, m: CommonAttentionMetadata, batch: StepBatch) -> list[Wave]:
@@ -225,8 +219,7 @@ class AbsoluteMetadataBuilder(CPUAttentionMetadataBuilder):
             freqs = table[clex_scale_index_tensor(lengths_t, clex.original_len, clex.cfg.max_factor) - 1]
             # one run per sequence and no padding rows: the wave is the step itself, as vLLM described it
             every_row = w == 0 and all(len(r) == 1 for r in runs) and len(row_index) == batch.num_actual_tokens
-            top_k = None if self.top_k is None else step_top_k(
-                self.top_k, top_k_first_positions(self.top_k, m.num_reqs, owners), sub, self.kv_cache_spec.block_size)
+            top_k = step_top_k(self.top_k, m.num_reqs, owners, sub, self.kv_cache_spec.block_size)
             if every_row:
                 wave = self._wave(m, batch, None, freqs, top_k)
             else:

@@ -68,32 +68,6 @@ class BlockSummaries:
         return self.tensor
 
 
-def top_k_first_positions(top_k: TopKConfig, num_reqs: int, owners: list[int] | None = None) -> list[int]:
-    """Per kernel sequence (request row, or with CLEX the request row `owners[i]` of run
-    i), the first position whose row uses top-k. "last": the last prompt row and every
-    generated row (P - 1 on, P the original prompt length, also when a preempted request
-    recomputes); "all": every row."""
-    count = num_reqs if owners is None else len(owners)
-    if top_k.rows == "all":
-        return [0] * count
-    prompts = vllm_compat.prompt_lengths(num_reqs)
-    return [p - 1 for p in (prompts if owners is None else [prompts[o] for o in owners])]
-
-
-def step_top_k(top_k: TopKConfig | None, first: list[int], batch: StepBatch | None = None, block_size: int = 0,
-               memo: dict | None = None) -> TopKRows | None:
-    """The step's top-k rule (`first`: `top_k_first_positions`). Block mode also lists the
-    blocks the step fills (`batch`: the kernels' sequences). memo: the per-sequence middle
-    inputs, shared by the step's KV-cache groups (`StepShare`); None: the rule's own."""
-    if top_k is None:
-        return None
-    memo = {} if memo is None else memo
-    if not top_k.blocks:
-        return TopKRows(top_k.k, top_k.distance, first, memo=memo)
-    filled = filled_blocks(batch.block_table, batch.query_start_loc, batch.seq_lens, block_size)
-    return TopKRows(top_k.k, top_k.distance, first, blocks=True, block_size=block_size, filled=filled, memo=memo)
-
-
 class StepShare:
     """vLLM builds attention metadata once per KV-cache group, and a top-k model has several
     groups (its top-k layers and its evicting layers, cut into groups of equal size): what
@@ -116,6 +90,30 @@ class StepShare:
 
 
 STEP_SHARE = StepShare()
+
+
+def step_top_k(top_k: TopKConfig | None, num_reqs: int, owners: list[int] | None = None,
+               batch: StepBatch | None = None, block_size: int = 0, shared: bool = False) -> TopKRows | None:
+    """The step's top-k rule: per kernel sequence (request row, or with CLEX the request
+    row `owners[i]` of run i), the first position whose row uses top-k. "last": the last
+    prompt row and every generated row (P - 1 on, P the original prompt length, also when
+    a preempted request recomputes); "all": every row. Block mode also lists the blocks
+    the step fills (`batch`: the kernels' sequences). shared: the rule's memo of
+    per-sequence middle inputs is the one the step's other KV-cache groups use (`StepShare`)."""
+    if top_k is None:
+        return None
+    count = num_reqs if owners is None else len(owners)
+    if top_k.rows == "all":
+        first = [0] * count
+    else:
+        prompts = vllm_compat.prompt_lengths(num_reqs)
+        first = [p - 1 for p in (prompts if owners is None else [prompts[o] for o in owners])]
+    memo = STEP_SHARE.get(("top_k memo", top_k, tuple(first), tuple(batch.query_start_loc), tuple(batch.seq_lens)),
+                          dict) if shared else {}
+    if not top_k.blocks:
+        return TopKRows(top_k.k, top_k.distance, first, memo=memo)
+    filled = filled_blocks(batch.block_table, batch.query_start_loc, batch.seq_lens, block_size)
+    return TopKRows(top_k.k, top_k.distance, first, blocks=True, block_size=block_size, filled=filled, memo=memo)
 
 
 def refuse_unsupported(alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None,

@@ -37,8 +37,7 @@ from lminf_kernels.rope import RopeStyle
 from .. import vllm_compat
 from lminf_kernels.topk import TopKRows
 
-from .common import (BlockSummaries, LambdaBackend, StepBatch, group_top_k, no_work, refuse_unsupported, step_top_k,
-                     top_k_first_positions)
+from .common import BlockSummaries, LambdaBackend, StepBatch, group_top_k, no_work, refuse_unsupported, step_top_k
 
 from . import RAW as NAME
 KERNEL_ENV = "LMINF_RAW_KERNEL"  # "triton" forces the Triton kernel (tests, with TRITON_INTERPRET=1 on CPU)
@@ -93,7 +92,8 @@ class RawMetadataBuilder(AttentionMetadataBuilder[RawMetadata]):
         batch = StepBatch.of(m)
         clex = self.rotary.clex
         if clex is None:
-            return RawMetadata(batch, self.rotary.inv_freq, None, self._top_k_rule(m.num_reqs, None, batch))
+            return RawMetadata(batch, self.rotary.inv_freq, None,
+                               step_top_k(self.top_k, m.num_reqs, None, batch, self.kv_cache_spec.block_size))
         qsl, lens, owner, freqs, scale = clex.regroup(batch.query_start_loc, batch.seq_lens,
                                                       vllm_compat.prompt_lengths(m.num_reqs))
         device = batch.query_start_loc_dev.device
@@ -103,14 +103,8 @@ class RawMetadataBuilder(AttentionMetadataBuilder[RawMetadata]):
             query_start_loc_dev=torch.tensor(qsl, dtype=torch.int32, device=device),
             seq_lens_dev=torch.tensor(lens, dtype=torch.int32, device=device),
         )
-        return RawMetadata(runs, freqs.to(device), scale, self._top_k_rule(m.num_reqs, owner, runs))
-
-    def _top_k_rule(self, num_reqs: int, owners: list[int] | None, batch: StepBatch):
-        """The step's top-k rule for the kernel's sequences (None: no top-k layer here)."""
-        if self.top_k is None:
-            return None
-        first = top_k_first_positions(self.top_k, num_reqs, owners)
-        return step_top_k(self.top_k, first, batch, self.kv_cache_spec.block_size)
+        return RawMetadata(runs, freqs.to(device), scale,
+                           step_top_k(self.top_k, m.num_reqs, owner, runs, self.kv_cache_spec.block_size))
 
 
 def _use_triton(query: torch.Tensor) -> bool:

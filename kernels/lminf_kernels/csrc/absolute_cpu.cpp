@@ -1026,15 +1026,16 @@ void middle_blocks_impl(const at::Tensor& q, const at::Tensor& kv_cache, const a
       const float* bd = bound.data();
       std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(),
                        [bd](int32_t a, int32_t b) { return bd[a] > bd[b] || (bd[a] == bd[b] && a < b); });
+      const auto keys_of = [&](int64_t blk) { return cache + (ids[blk] * Hkv + h) * 2 * D * B; };
       int64_t n = 0;
       for (int64_t i = 0; i < k; ++i) {
         const int64_t blk = first_blk + idx[i], j0 = blk * B;
         const int64_t s0 = std::max<int64_t>(n_global - j0, 0), s1 = std::min<int64_t>(last[r] + 1 - j0, B);
-        const T* keys = cache + (ids[blk] * Hkv + h) * 2 * D * B;
+        const T* keys = keys_of(blk);
         rot.to_block(qv, blk, u.data());
 #if defined(__AVX512F__)
         // the exact scan's register tile (one row); the next chosen block asked for meanwhile
-        const T* next = i + 1 < k ? cache + (ids[first_blk + idx[i + 1]] * Hkv + h) * 2 * D * B : nullptr;
+        const T* next = i + 1 < k ? keys_of(first_blk + idx[i + 1]) : nullptr;
         rotated_scores(rot, 1, u.data(), keys, s1, acc.data(), next);
         for (int64_t b = s0; b < s1; ++b) l[n + b - s0] = acc[b] * scale;
 #else
